@@ -1,0 +1,1 @@
+"""Model-level DMS API: retrofit / load Llama, Qwen2, Qwen3, Mistral (work in progress)."""
