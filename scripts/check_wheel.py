@@ -1,0 +1,30 @@
+"""Runs in an environment holding only torch and the built dms wheel (no transformers): the
+operators load, from `import dms` and, as another engine would, from the bare shared library."""
+import glob
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+import dms
+
+assert "transformers" not in sys.modules, "import dms must not pull in transformers"
+x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+keep = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
+packed, cu_seqlens, max_seqlen = torch.ops.dms.compact(x, keep)
+assert torch.equal(packed, x[keep]) and cu_seqlens.tolist() == [0, 3, 4] and max_seqlen == 3
+print(f"check_wheel: torch.ops.dms.compact ran from the wheel at {os.path.dirname(dms.__file__)}")
+
+# Another engine: load the library by path, never importing the dms package.
+lib = glob.glob(os.path.join(os.path.dirname(dms.__file__), "_C*.so"))[0]
+code = textwrap.dedent(f"""
+    import sys, torch
+    torch.ops.load_library({lib!r})
+    assert 'dms' not in sys.modules
+    out = torch.ops.dms.scan_flags(torch.tensor([[0, 1, 1, 0]], dtype=torch.bool), None, 0)
+    assert out[0].tolist() == [[False, False, True, True]], out
+    print('check_wheel: torch.ops.load_library + torch.ops.dms.scan_flags ran without importing dms')
+""")
+subprocess.run([sys.executable, "-c", code], check=True, cwd="/")
