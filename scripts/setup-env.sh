@@ -10,8 +10,11 @@ DMS_VENV="${DMS_VENV:-$DMS_ROOT/.venv}"
 
 [ -x "$DMS_VENV/bin/python" ] || python3 -m venv "$DMS_VENV"
 . "$DMS_VENV/bin/activate"
-python -m pip install --quiet --upgrade pip
-python -m pip install --quiet -r "$DMS_ROOT/requirements-test.txt"
+mkdir -p "$DMS_ROOT/build"
+{ python -m pip install --upgrade pip && python -m pip install -r "$DMS_ROOT/requirements-test.txt"; } \
+  > "$DMS_ROOT/build/pip-install.log" 2>&1 \
+  || { tail -n 40 "$DMS_ROOT/build/pip-install.log"; echo "setup-env: installing requirements failed"; exit 1; }
+echo "setup-env: requirements installed in $DMS_VENV; building the extension"
 # --no-build-isolation: build against the torch just installed, not a second download (BUILD-NOTES #9).
 python -m pip install --no-build-isolation --no-deps -v -e "$DMS_ROOT" > "$DMS_ROOT/build-extension.log" 2>&1 \
   || { tail -n 60 "$DMS_ROOT/build-extension.log"; echo "setup-env: building the extension failed (log: build-extension.log)"; exit 1; }
