@@ -1,0 +1,106 @@
+"""Inference-time DMS attention: prefill (chunked, exact mask across the cache boundary),
+decode over the paged store, and the dense path used without a cache.
+
+Shapes: q [B, Hq, T, D], k/v [B, H_kv, T, D] post-RoPE; sequence s = b * H_kv + h holds the G
+query heads h*G .. h*G+G-1 as G query rows (no repeat_kv).
+"""
+from __future__ import annotations
+
+import torch
+
+from dms.attention.masks import last_visible_query, valid_index
+
+try:  # CUDA fast path; its absence (always, on the CPU-only development machine) is normal
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                    scale: float) -> torch.Tensor:
+    """Eager attention (same arithmetic as transformers' eager_attention_forward, so that
+    "off" mode reproduces the plain model): allowed bool [B, 1 or H_kv, Tq, Tk] or None."""
+    B, Hq, _, D = q.shape
+    G = Hq // k.shape[1]
+    k = k.repeat_interleave(G, dim=1)
+    v = v.repeat_interleave(G, dim=1)
+    scores = torch.matmul(q, k.transpose(2, 3)) * scale
+    if allowed is not None:
+        allowed = allowed.repeat_interleave(G, dim=1) if allowed.shape[1] > 1 else allowed
+        bias = torch.zeros(allowed.shape, dtype=scores.dtype, device=scores.device)
+        scores = scores + bias.masked_fill_(~allowed, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v)
+
+
+def causal_padding_mask(padding: torch.Tensor | None, batch: int, q_len: int, past: int,
+                        device) -> torch.Tensor:
+    """bool [B, 1, q_len, past + q_len]: causal mask with the 2D padding mask (over all
+    positions so far) applied to the keys, as transformers builds it."""
+    kv = past + q_len
+    qpos = torch.arange(past, kv, device=device)[:, None]
+    allowed = (torch.arange(kv, device=device)[None, :] <= qpos)[None, None].expand(batch, 1, q_len, kv)
+    if padding is not None:
+        allowed = allowed & padding[:, None, None, -kv:].bool()
+    return allowed
+
+
+def _split(q, k, v):
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    S, G = B * Hkv, Hq // Hkv
+    return q.reshape(S, G, T, D), k.reshape(S, T, D), v.reshape(S, T, D)
+
+
+def prefill_attention(q, k, v, decisions, valid, view, window: int, scale: float, chunk: int):
+    """Attention of T new tokens over the live slots of an existing cache (``view``, a
+    dms.cache.PrefillView, or None for an empty cache) and over each other, with DMS
+    visibility. decisions/valid bool [S, T]. Queries go ``chunk`` at a time so memory stays
+    O(chunk * keys). Pad queries get zeros."""
+    B, Hq, T, D = q.shape
+    qs, ks, vs = _split(q, k, v)
+    S = ks.shape[0]
+    start = view.num_seen if view is not None else torch.zeros(S, dtype=torch.long, device=q.device)
+    q_idx = valid_index(valid, start)  # [S, T]
+    last = last_visible_query(decisions, valid, window, start)
+    key_idx = q_idx
+    if view is not None and view.keys.shape[1] > 0:
+        old_last = view.last_query.clone()
+        # The newest cached token's flag is the decision of the chunk's first valid token.
+        first = valid.long().argmax(-1)
+        newest_flag = decisions.gather(1, first[:, None]).squeeze(1) & valid.any(-1) & (view.newest_slot >= 0)
+        rows = torch.nonzero(newest_flag).flatten()
+        old_last[rows, view.newest_slot[rows]] = start[rows] - 1 + window
+        ks = torch.cat([view.keys, ks], dim=1)
+        vs = torch.cat([view.values, vs], dim=1)
+        last = torch.cat([old_last, last], dim=1)
+        key_idx = torch.cat([torch.full_like(old_last, -1), q_idx], dim=1)
+    n_old = ks.shape[1] - T
+    out = torch.empty(S, qs.shape[1], T, D, dtype=torch.float32, device=q.device)
+    kf, vf = ks.float(), vs.float()
+    for a in range(0, T, chunk):
+        b = min(a + chunk, T)
+        qi = q_idx[:, a:b, None]
+        allowed = (key_idx[:, None, : n_old + b] <= qi) & (qi <= last[:, None, : n_old + b])
+        allowed &= valid[:, a:b, None]
+        scores = torch.matmul(qs[:, :, a:b].float(), kf[:, : n_old + b].transpose(1, 2)[:, None]) * scale
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        out[:, :, a:b] = torch.matmul(probs, vf[:, None, : n_old + b])
+    return out.to(q.dtype).reshape(B, Hq, T, D)
+
+
+def decode_attention(layer, q: torch.Tensor, scale: float) -> torch.Tensor:
+    """One new query per sequence over the paged store (after its token was appended).
+    q [B, Hq, 1, D] -> [B, Hq, 1, D]. On CUDA with flash_attn installed, FlashAttention reads
+    the same pages through block_table; that branch cannot run on the CPU-only development
+    machine and is untested."""
+    B, Hq, _, D = q.shape
+    S = layer.num_seqs
+    qs = q.reshape(S, Hq * B // S, D)
+    if q.is_cuda and flash_attn_with_kvcache is not None:
+        out = flash_attn_with_kvcache(qs[:, None], layer.k_pages[:, :, None], layer.v_pages[:, :, None],
+                                      cache_seqlens=layer.seq_lens, block_table=layer.block_table,
+                                      softmax_scale=scale, causal=False)
+        return out.reshape(B, Hq, 1, D)
+    return layer.decode_attention(qs, scale).reshape(B, Hq, 1, D)

@@ -1,0 +1,255 @@
+"""The DMS KV cache: a transformers ``Cache`` over the paged store of DESIGN.md §2.
+
+One ``DMSLayer`` per decoder layer holds the paged store of ``S = batch * n_kv_heads``
+independent sequences and is written only through ``torch.ops.dms.append`` (a token leaving
+the window with its eviction flag set hands its slot to the newest token). Attention code
+(``dms.attention``) reads it with ``paged_decode_attention`` or ``prefill_view``.
+
+Page pool sizing avoids a device->host sync per step: the host keeps an upper bound on the
+pages that may be in use (every appended token counted as if it took a new slot) and only
+reads the true ``seq_lens`` back when that bound exceeds the pool; the pool then grows
+geometrically, so copies are amortised.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from dms._ops import ops
+
+# Growth factor of the page pool and the block table when the bound says they may overflow.
+_GROWTH = 1.125
+
+
+class DMSCacheFullError(RuntimeError):
+    """The page pool would exceed the user-set ``max_pages`` cap."""
+
+
+@dataclass
+class PrefillView:
+    """Live slots of every sequence as padded dense tensors, for a prefill chunk on top of
+    an existing cache. ``last_query[s, j]`` is the last valid-token index allowed to see slot
+    ``j`` (``k + window`` once flagged, ``int64 max`` otherwise; -1 past ``seq_lens``).
+    The newest token's flag is not known yet: ``newest_slot``/``newest_index`` locate it so the
+    caller sets it from the chunk's first valid decision."""
+
+    keys: torch.Tensor  # [S, L, D]
+    values: torch.Tensor  # [S, L, D]
+    last_query: torch.Tensor  # int64 [S, L]
+    newest_slot: torch.Tensor  # int64 [S], -1 for an empty sequence
+    num_seen: torch.Tensor  # int64 [S]
+
+
+class DMSLayer(CacheLayerMixin):
+    """Paged DMS store of one decoder layer (tensor names follow csrc/torch_bindings.cpp)."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+    supports_early_init = False
+
+    def __init__(self, window: int, page_size: int = 16, max_pages: int | None = None):
+        super().__init__()
+        if not isinstance(page_size, int) or page_size < 1:
+            raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        self.window = window
+        self.page_size = page_size
+        self.max_pages = max_pages
+        self.columns = 0  # positions fed so far, pads included (what generate calls seq length)
+
+    # -- allocation --------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """``key_states`` [S, T, D] of the first append fixes S, D, dtype and device."""
+        S, _, D = key_states.shape
+        dev, dt = key_states.device, key_states.dtype
+        self.dtype, self.device, self.num_seqs, self.head_dim = dt, dev, S, D
+        self.k_pages = torch.empty(0, self.page_size, D, dtype=dt, device=dev)
+        self.v_pages = torch.empty(0, self.page_size, D, dtype=dt, device=dev)
+        self.block_table = torch.full((S, 0), -1, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.num_seen = torch.zeros(S, dtype=torch.int32, device=dev)
+        self.ring_slots = torch.zeros(S, self.window + 1, dtype=torch.int32, device=dev)
+        self.ring_flags = torch.zeros(S, self.window + 1, dtype=torch.bool, device=dev)
+        self.free_pages = torch.empty(0, dtype=torch.int32, device=dev)
+        self.free_top = torch.zeros(1, dtype=torch.int32, device=dev)
+        # Host-side bound: true lengths at the last sync + tokens appended since.
+        self._synced_lens = [0] * S
+        self._tokens_since_sync = 0
+        self.is_initialized = True
+
+    def _bound(self, extra: int) -> tuple[int, int]:
+        """(pages, pages of the longest sequence) that may be in use after ``extra`` more tokens."""
+        ps, t = self.page_size, self._tokens_since_sync + extra
+        per_seq = [math.ceil((n + t) / ps) for n in self._synced_lens]
+        return sum(per_seq), max(per_seq, default=0)
+
+    def _reserve(self, new_tokens: int) -> None:
+        total, longest = self._bound(new_tokens)
+        if total <= self.k_pages.shape[0] and longest <= self.block_table.shape[1]:
+            return
+        self._synced_lens = self.seq_lens.tolist()  # the one host sync, only when the bound says so
+        self._tokens_since_sync = 0
+        total, longest = self._bound(new_tokens)
+        if total > self.k_pages.shape[0]:
+            self._grow_pool(total)
+        if longest > self.block_table.shape[1]:
+            cols = max(longest, math.ceil(self.block_table.shape[1] * _GROWTH))
+            pad = self.block_table.new_full((self.num_seqs, cols - self.block_table.shape[1]), -1)
+            self.block_table = torch.cat([self.block_table, pad], dim=1)
+
+    def _grow_pool(self, needed: int) -> None:
+        old = self.k_pages.shape[0]
+        new = max(needed, math.ceil(old * _GROWTH))
+        if self.max_pages is not None:
+            if needed > self.max_pages:
+                raise DMSCacheFullError(
+                    f"DMSCache: a layer needs {needed} pages of {self.page_size} tokens but max_pages="
+                    f"{self.max_pages}; raise max_pages or use a higher compression")
+            new = min(new, self.max_pages)
+        shape = (new - old, self.page_size, self.head_dim)
+        self.k_pages = torch.cat([self.k_pages, self.k_pages.new_zeros(shape)])
+        self.v_pages = torch.cat([self.v_pages, self.v_pages.new_zeros(shape)])
+        top = int(self.free_top[0])
+        fresh = torch.arange(old, new, dtype=torch.int32, device=self.device)
+        # New ids go below the existing free ones: the op pops from the top.
+        self.free_pages = torch.cat([fresh, self.free_pages[:top]])
+        self.free_top.fill_(top + new - old)
+
+    # -- writing -------------------------------------------------------------------------
+    def append(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,
+               valid: torch.Tensor | None) -> None:
+        """keys/values [S, T, D] post-RoPE, decisions bool [S, T] (1 = evict the previous token),
+        valid bool [S, T] or None (pads are never stored)."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        if keys.shape[0] != self.num_seqs:
+            raise ValueError(f"DMSCache holds {self.num_seqs} sequences (batch * kv heads); got {keys.shape[0]}")
+        T = keys.shape[1]
+        self._reserve(T)
+        ops.append(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
+                   self.ring_slots, self.ring_flags, self.free_pages, self.free_top,
+                   keys.contiguous(), values.contiguous(), decisions.contiguous(),
+                   None if valid is None else valid.contiguous())
+        self._tokens_since_sync += T
+        self.columns += T
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise NotImplementedError(
+            "DMSLayer is written with append(keys, values, decisions, valid): eviction needs the "
+            "decisions, which the plain Cache.update(key, value) call does not carry; use a DMS model "
+            "(dms.apply / dms.from_pretrained) with this cache")
+
+    # -- reading -------------------------------------------------------------------------
+    def decode_attention(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [S, G, D] attends every live slot of its sequence -> [S, G, D]."""
+        return ops.paged_decode_attention(q.contiguous(), self.k_pages, self.v_pages, self.block_table,
+                                          self.seq_lens, float(scale))
+
+    def prefill_view(self) -> PrefillView:
+        S = self.num_seqs
+        lens = self.seq_lens.long()
+        L = int(lens.max()) if S else 0
+        ps = self.page_size
+        slot = torch.arange(L, device=self.device)
+        live = slot[None, :] < lens[:, None]
+        page = self.block_table[:, slot // ps].long().clamp_min(0) if L else self.block_table[:, :0].long()
+        keys = self.k_pages[page, slot % ps]  # [S, L, D]
+        values = self.v_pages[page, slot % ps]
+        big = torch.iinfo(torch.int64).max
+        last = torch.full((S, L), big, dtype=torch.int64, device=self.device)
+        last.masked_fill_(~live, -1)
+        # Ring column c holds the token with index n - W1 + ((c - n) mod W1).
+        W1 = self.window + 1
+        n = self.num_seen.long()[:, None]
+        col = torch.arange(W1, device=self.device)[None, :]
+        idx = n - W1 + (col - n) % W1
+        in_ring = idx >= 0
+        flagged = self.ring_flags & in_ring
+        rows = torch.arange(S, device=self.device)[:, None].expand(S, W1)
+        ring_slot = self.ring_slots.long()
+        if L:
+            last[rows[flagged], ring_slot[flagged]] = idx[flagged] + self.window
+        newest_col = (n.squeeze(1) - 1) % W1
+        newest = ring_slot[torch.arange(S, device=self.device), newest_col]
+        newest = torch.where(n.squeeze(1) > 0, newest, torch.full_like(newest, -1))
+        return PrefillView(keys, values, last, newest, n.squeeze(1))
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return self.columns
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.columns + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.is_initialized = False
+        self.columns = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("DMSCache does not support beam search (pages are per sequence, not per beam)")
+
+    def stats(self) -> dict:
+        if not self.is_initialized:
+            return dict(seen=torch.zeros(0), retained=torch.zeros(0), bytes=0)
+        elem = self.k_pages.element_size()
+        pool = 2 * self.k_pages.numel() * elem
+        meta = sum(t.numel() * t.element_size() for t in (
+            self.block_table, self.seq_lens, self.num_seen, self.ring_slots, self.ring_flags,
+            self.free_pages, self.free_top))
+        return dict(seen=self.num_seen.cpu(), retained=self.seq_lens.cpu(), bytes=pool + meta,
+                    retained_bytes=2 * int(self.seq_lens.sum()) * self.head_dim * elem)
+
+
+class DMSCache(Cache):
+    """KV cache of a DMS model: pass ``past_key_values=DMSCache(model)`` to ``generate`` (DMS
+    models made by ``dms.apply``/``dms.from_pretrained`` use one by default in infer mode).
+
+    ``page_size`` tokens per page; ``max_pages`` caps the pool of each layer (None = grow as
+    needed); ``prefill_chunk`` bounds the queries attended at once during prefill."""
+
+    def __init__(self, model=None, *, window: int | None = None, num_layers: int | None = None,
+                 page_size: int = 16, max_pages: int | None = None, prefill_chunk: int = 512):
+        if model is not None:
+            config = model.config
+            window = config.dms_window_size if window is None else window
+            num_layers = config.num_hidden_layers if num_layers is None else num_layers
+        if window is None or num_layers is None:
+            raise ValueError("DMSCache needs a DMS model, or both window= and num_layers=")
+        if max_pages is not None and (not isinstance(max_pages, int) or max_pages < 1):
+            raise ValueError(f"max_pages must be None or an int >= 1, got {max_pages!r}")
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        super().__init__(layers=[DMSLayer(window, page_size, max_pages) for _ in range(num_layers)])
+        self.window = window
+        self.prefill_chunk = prefill_chunk
+
+    def stats(self) -> dict:
+        """Compression ratio (tokens seen / retained, mean over layer, batch row, KV head),
+        retained tokens per layer [B*H_kv], and bytes held (pool + index tensors)."""
+        per = [layer.stats() for layer in self.layers if layer.is_initialized]
+        if not per:
+            return dict(compression_ratio=1.0, retained_per_layer=[], seen=0, retained=0,
+                        bytes=0, retained_bytes=0)
+        seen = torch.stack([p["seen"] for p in per]).double()
+        kept = torch.stack([p["retained"] for p in per]).double()
+        ok = kept > 0
+        ratio = float((seen[ok] / kept[ok]).mean()) if ok.any() else 1.0
+        return dict(
+            compression_ratio=ratio,
+            retained_per_layer=[p["retained"] for p in per],
+            seen=int(seen.sum()), retained=int(kept.sum()),
+            bytes=sum(p["bytes"] for p in per),
+            retained_bytes=sum(p["retained_bytes"] for p in per),
+        )
+
+    def compression_ratio(self) -> float:
+        return self.stats()["compression_ratio"]
+
+    def nbytes(self) -> int:
+        return self.stats()["bytes"]

@@ -1,0 +1,176 @@
+"""Turns a transformers Llama / Qwen2 / Qwen3 / Mistral causal LM into a DMS model in place.
+
+What changes: each attention module's class becomes a subclass whose forward is
+``dms.attention.dms_attention_forward``; the adapter variant gets a zero-initialised
+``self_attn.dms_adapter`` (extra state-dict keys); the model class becomes a subclass with
+the *same name* (so ``save_pretrained`` still writes the base architecture) that uses a
+``DMSCache`` by default; the config gets the flat ``dms_*`` keys and the attention
+implementation "dms", whose mask builder hands the 2D padding mask to the layers unchanged
+(DMS builds its own visibility, and a dense [T, T] mask would defeat chunked prefill).
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+from transformers.masking_utils import AttentionMaskInterface
+
+from dms.attention.decisions import DMSAdapter
+from dms.attention.layer import DMSRuntime, dms_attention_forward
+from dms.cache import DMSCache
+from dms.config import DMSConfig
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+ATTN_IMPL = "dms"
+
+
+def _pass_padding_mask(*, attention_mask=None, **_):
+    return attention_mask
+
+
+AttentionMaskInterface.register(ATTN_IMPL, _pass_padding_mask)
+
+
+def check_supported(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        raise ValueError(f"DMS does not support architecture {model_type!r} "
+                         f"({', '.join(getattr(config, 'architectures', None) or [])}); supported: {', '.join(SUPPORTED)}")
+
+
+def _decoder_layers(model):
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None:
+        raise ValueError(f"dms expects a *ForCausalLM model with .model.layers; got {type(model).__name__}")
+    return layers
+
+
+# -- class factories (cached so that every model of a class shares one subclass) --------------
+_ATTN_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+def _attention_class(base: type) -> type:
+    if base not in _ATTN_CLASSES:
+        rope = sys.modules[base.__module__].apply_rotary_pos_emb
+
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
+                    **kwargs):
+            residual = self.__dict__.pop("_dms_residual", None)
+            return dms_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
+                                         residual=residual, rope=rope, runtime=self._dms_runtime)
+
+        _ATTN_CLASSES[base] = type(base.__name__, (base,), {"forward": forward, "_dms_base": base})
+    return _ATTN_CLASSES[base]
+
+
+def dms_model_class(base: type) -> type:
+    """Subclass of a ``*ForCausalLM`` class, same name, whose __init__ installs DMS from the
+    config's dms_* keys (used by dms.from_pretrained so adapter weights load as ordinary keys)."""
+    if getattr(base, "_dms_base", None) is not None:
+        return base
+    if base not in _MODEL_CLASSES:
+        def __init__(self, config, *args, **kwargs):
+            base.__init__(self, config, *args, **kwargs)
+            install(self, DMSConfig.from_model_config(config))
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+            mode = self._dms_runtime.mode
+            if mode == "train":
+                use_cache = False
+            elif mode == "infer" and past_key_values is None and (self.config.use_cache if use_cache is None else use_cache):
+                past_key_values = DMSCache(self)
+            return base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids, past_key_values=past_key_values,
+                                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                logits_to_keep=logits_to_keep, **kwargs)
+
+        def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+            if (self._dms_runtime.mode == "infer" and model_kwargs.get("past_key_values") is None
+                    and generation_config.use_cache is not False):
+                if generation_config.cache_implementation is not None:
+                    raise ValueError("DMS models generate with a DMSCache; do not set cache_implementation")
+                model_kwargs["past_key_values"] = DMSCache(self)
+            return base._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+
+        _MODEL_CLASSES[base] = type(base.__name__, (base,), {
+            "__init__": __init__, "forward": forward, "_dms_base": base, "__module__": base.__module__,
+            "_prepare_cache_for_generation": _prepare_cache_for_generation, "__doc__": base.__doc__,
+        })
+    return _MODEL_CLASSES[base]
+
+
+def _keep_residual(layer, args, kwargs):
+    hidden = args[0] if args else kwargs["hidden_states"]
+    layer.self_attn.__dict__["_dms_residual"] = hidden
+
+
+def install(model, dms_config: DMSConfig) -> None:
+    """Add DMS to ``model`` in place (idempotent per model: raises if already installed)."""
+    check_supported(model.config)
+    if getattr(model, "_dms_runtime", None) is not None:
+        raise ValueError("this model already has DMS installed; change modes with dms.models.set_mode")
+    layers = _decoder_layers(model)
+    for i, layer in enumerate(layers):
+        attn = layer.self_attn
+        if getattr(attn, "sliding_window", None) is not None or getattr(model.config, "sliding_window", None) and \
+                model.config.model_type == "mistral":
+            raise ValueError(f"layer {i} uses sliding-window attention, which DMS does not combine with eviction; "
+                             "set config.sliding_window=None")
+    cfg = model.config
+    n_kv = cfg.num_key_value_heads
+    if cfg.num_attention_heads % n_kv:
+        raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={n_kv}")
+    dms_config.to_model_config(cfg)
+    runtime = DMSRuntime(dms_config)
+    param = next(model.parameters())
+    for layer in layers:
+        attn = layer.self_attn
+        attn.__class__ = _attention_class(type(attn))
+        attn._dms_runtime = runtime
+        if dms_config.dms_separate_alpha:
+            n_logits = 1 if dms_config.dms_alpha_per == "layer" else n_kv
+            adapter = DMSAdapter(cfg.hidden_size, n_logits, cfg.rms_norm_eps)
+            if param.device.type != "meta":
+                adapter = adapter.to(device=param.device, dtype=param.dtype)
+            attn.dms_adapter = adapter
+            layer.register_forward_pre_hook(_keep_residual, with_kwargs=True)
+    model._dms_runtime = runtime
+    cfg._attn_implementation_internal = ATTN_IMPL
+
+
+def apply(model, **dms_config):
+    """Make a plain Llama/Qwen2/Qwen3/Mistral ``*ForCausalLM`` a DMS model in place (and return it).
+    Keyword arguments are the dms_* keys of dms.config.DMSConfig."""
+    check_supported(model.config)
+    unknown = sorted(set(dms_config) - set(DMSConfig.keys()))
+    if unknown:
+        from dms.config import DMSConfigError
+
+        raise DMSConfigError(f"unknown DMS option(s) {unknown}; expected some of {', '.join(DMSConfig.keys())}")
+    config = DMSConfig(**dms_config)
+    install(model, config)
+    model.__class__ = dms_model_class(type(model))
+    return model
+
+
+def runtime(model) -> DMSRuntime:
+    rt = getattr(model, "_dms_runtime", None)
+    if rt is None:
+        raise ValueError(f"{type(model).__name__} is not a DMS model: use dms.apply(model, ...) or dms.from_pretrained")
+    return rt
+
+
+def dms_modules(model):
+    return [layer.self_attn for layer in _decoder_layers(model)]
+
+
+def zero_init_adapters(model) -> None:
+    with torch.no_grad():
+        for attn in dms_modules(model):
+            if hasattr(attn, "dms_adapter"):
+                torch.nn.init.zeros_(attn.dms_adapter.proj.weight)
+                torch.nn.init.zeros_(attn.dms_adapter.proj.bias)
+                torch.nn.init.ones_(attn.dms_adapter.norm.weight)
