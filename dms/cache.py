@@ -114,8 +114,10 @@ class DMSLayer(CacheLayerMixin):
         self.v_pages = torch.cat([self.v_pages, self.v_pages.new_zeros(shape)])
         top = int(self.free_top[0])
         fresh = torch.arange(old, new, dtype=torch.int32, device=self.device)
-        # New ids go below the existing free ones: the op pops from the top.
-        self.free_pages = torch.cat([fresh, self.free_pages[:top]])
+        # New ids go below the existing free ones (the op pops from the top); the list keeps
+        # length P, entries from free_top on are unused.
+        unused = self.free_pages.new_zeros(new - (new - old) - top)
+        self.free_pages = torch.cat([fresh, self.free_pages[:top], unused])
         self.free_top.fill_(top + new - old)
 
     # -- writing -------------------------------------------------------------------------

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny DMS models of the four architectures with evictions forced often,
+and the dense oracle (a model forward without cache whose visibility mask comes from
+dms.reference.visibility_mask)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dms.models.tiny import ARCHS
+
+VARIANTS = ("neuron", "adapter")
+
+
+def forced_dms_model(arch: str, variant: str = "neuron", window: int = 3, seed: int = 0, **dms_kwargs):
+    """A tiny DMS model whose decisions evict about half of the tokens, with margins far from
+    the threshold so that fp32 rounding cannot flip a decision between code paths."""
+    import dms
+    from dms.models.tiny import tiny_model
+
+    model = tiny_model(arch, seed=seed)
+    dms.apply(model, dms_window_size=window, dms_separate_alpha=(variant == "adapter"), **dms_kwargs)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            if variant == "adapter":
+                w = attn.dms_adapter.proj.weight
+                w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
+                attn.dms_adapter.proj.bias.fill_(0.05)
+            else:
+                D = attn.head_dim
+                rows = attn.q_proj.weight.view(-1, D, attn.q_proj.weight.shape[1])[:, -1]
+                rows.copy_(torch.randn(rows.shape, generator=gen) * 0.5)
+    return model
+
+
+@pytest.fixture(params=ARCHS)
+def arch(request):
+    return request.param
+
+
+@pytest.fixture
+def dense_oracle(monkeypatch):
+    """Returns f(model, ids, mask) -> logits of a cache-free forward that uses the reference mask."""
+    import dms.attention.layer as layer
+    from dms import reference
+
+    monkeypatch.setattr(layer, "visibility_mask", reference.visibility_mask)
+
+    def run(model, ids, mask=None):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+    return run
+
+
+def left_padded(lengths, vocab: int = 128, pad: int = 0, seed: int = 0):
+    """(input_ids, attention_mask) of random prompts with the given lengths, left padded."""
+    gen = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), pad, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        ids[b, T - n:] = torch.randint(3, vocab, (n,), generator=gen)
+        mask[b, T - n:] = 1
+    return ids, mask
