@@ -33,9 +33,15 @@ def from_pretrained(path_or_id, **hf_kwargs):
         raise ValueError("DMS models bring their own attention; attn_implementation must be left unset")
     hf_kwargs.pop("attn_implementation", None)
     hf_kwargs.pop("output_loading_info", None)
+    # Shape mismatches come back in the loading info (instead of transformers' generic error) so
+    # that the DMS ones can be named; the others still raise unless the caller allowed them.
+    allow_mismatch = hf_kwargs.pop("ignore_mismatched_sizes", False)
     model, info = dms_model_class(base).from_pretrained(path_or_id, config=config, output_loading_info=True,
-                                                        **hf_kwargs)
+                                                        ignore_mismatched_sizes=True, **hf_kwargs)
     _check_dms_weights(info)
+    others = [m for m in info.get("mismatched_keys", ()) if "dms_" not in str(m)]
+    if others and not allow_mismatch:
+        raise RuntimeError(f"checkpoint weights with the wrong shape: {sorted(others)[:4]}")
     return model.eval()
 
 

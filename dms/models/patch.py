@@ -113,13 +113,13 @@ def install(model, dms_config: DMSConfig) -> None:
     if getattr(model, "_dms_runtime", None) is not None:
         raise ValueError("this model already has DMS installed; change modes with dms.models.set_mode")
     layers = _decoder_layers(model)
-    for i, layer in enumerate(layers):
-        attn = layer.self_attn
-        if getattr(attn, "sliding_window", None) is not None or getattr(model.config, "sliding_window", None) and \
-                model.config.model_type == "mistral":
-            raise ValueError(f"layer {i} uses sliding-window attention, which DMS does not combine with eviction; "
-                             "set config.sliding_window=None")
     cfg = model.config
+    # Mistral applies config.sliding_window to every layer; Qwen2/3 set it per layer.
+    windowed = [i for i, layer in enumerate(layers) if getattr(layer.self_attn, "sliding_window", None) is not None
+                or (cfg.model_type == "mistral" and getattr(cfg, "sliding_window", None) is not None)]
+    if windowed:
+        raise ValueError(f"layers {windowed} use sliding-window attention, which DMS does not combine with "
+                         "eviction; load the model with sliding_window=None")
     n_kv = cfg.num_key_value_heads
     if cfg.num_attention_heads % n_kv:
         raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={n_kv}")

@@ -1,0 +1,139 @@
+"""dms.apply / dms.from_pretrained / save_pretrained, the mode contract, and error cases."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dms
+from conftest import VARIANTS, forced_dms_model, left_padded
+from dms.config import DMSConfigError
+from dms.models import (DMSCheckpointError, borrowed_neuron_rows, dms_parameters, last_decisions,
+                        set_mode, set_noise_generator)
+from dms.models.tiny import tiny_model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_load_round_trip(arch, variant, tmp_path):
+    model = forced_dms_model(arch, variant, window=5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == [type(model).__name__] and type(model).__name__.endswith("ForCausalLM")
+    assert config["dms_window_size"] == 5 and config["dms_separate_alpha"] == (variant == "adapter")
+    assert "auto_map" not in config and config.get("_attn_implementation") is None
+    loaded = dms.from_pretrained(str(tmp_path))
+    assert dms.models.dms_config(loaded) == dms.models.dms_config(model)
+    assert len(dms_parameters(loaded)) == (6 if variant == "adapter" else 0)
+    ids, mask = left_padded([6, 9])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
+
+
+def test_apply_options_and_contract(arch):
+    model = tiny_model(arch)
+    dms.apply(model, dms_window_size=4, dms_separate_alpha=True, dms_alpha_per="layer")
+    assert [p.shape for _, p in dms_parameters(model)][:3] == [torch.Size([64]), torch.Size([1, 64]), torch.Size([1])]
+    assert borrowed_neuron_rows(model) == {}
+    ids = torch.randint(3, 128, (2, 7))
+    model(input_ids=ids)
+    decisions = last_decisions(model)
+    assert len(decisions) == 2 and decisions[0].shape == (2, 2, 7)
+    assert not decisions[0].any()  # zero-initialised adapter: logit = -offset, keep everything
+
+    neuron = tiny_model(arch)
+    dms.apply(neuron, dms_window_size=4)
+    rows = borrowed_neuron_rows(neuron)
+    assert set(rows) == {0, 1} and rows[0].tolist() == [15, 2 * 16 + 15]  # last dim of heads 0 and 2
+
+
+def test_alpha_per_layer_shares_one_logit(arch):
+    model = forced_dms_model(arch, "neuron", dms_alpha_per="layer")
+    model(input_ids=torch.randint(3, 128, (1, 12)))
+    d = last_decisions(model)[0]
+    assert torch.equal(d[:, 0], d[:, 1]) and 0 < d.mean() < 1
+
+
+def test_train_mode_calls_train_attention(arch):
+    model = forced_dms_model(arch, "adapter")
+    set_mode(model, "train")
+    set_noise_generator(model, torch.Generator().manual_seed(0))
+    ids, mask = left_padded([5, 8])
+    out = model(input_ids=ids, attention_mask=mask)
+    assert out.past_key_values is None
+    hard = last_decisions(model)
+    assert hard[0].shape == (2, 2, 8) and hard[0].requires_grad
+    hard[0].sum().backward()
+    assert model.model.layers[0].self_attn.dms_adapter.proj.weight.grad is not None
+    with pytest.raises(ValueError, match="mode must be one of"):
+        set_mode(model, "eval")
+
+
+def test_chunked_prefill_equals_one_shot(arch):
+    model = forced_dms_model(arch, "neuron")
+    ids, mask = left_padded([13, 20], seed=7)
+    with torch.no_grad():
+        one = model(input_ids=ids, attention_mask=mask, past_key_values=dms.DMSCache(model, prefill_chunk=64))
+        cache = dms.DMSCache(model, prefill_chunk=3)
+        parts = [model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], past_key_values=cache,
+                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0)[:, a:b]).logits
+                 for a, b in ((0, 9), (9, 10), (10, 20))]
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat(parts, 1)[real], one.logits[real], atol=1e-4, rtol=0)
+    for a, b in zip(one.past_key_values.layers, cache.layers):
+        assert torch.equal(a.seq_lens, b.seq_lens) and torch.equal(a.num_seen, b.num_seen)
+        assert torch.equal(a.ring_flags, b.ring_flags)
+
+
+def test_unsupported_architecture():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    with pytest.raises(ValueError, match="'gpt2'.*supported: llama, qwen2, qwen3, mistral"):
+        dms.apply(model)
+
+
+def test_invalid_options(arch):
+    with pytest.raises(DMSConfigError, match="dms_window_size"):
+        dms.apply(tiny_model(arch), dms_window_size=0)
+    with pytest.raises(DMSConfigError, match="unknown DMS option.*dms_windw"):
+        dms.apply(tiny_model(arch), dms_windw=4)
+    model = dms.apply(tiny_model(arch))
+    with pytest.raises(ValueError, match="already has DMS"):
+        dms.apply(model)
+
+
+def test_sliding_window_rejected():
+    with pytest.raises(ValueError, match="sliding-window"):
+        dms.apply(tiny_model("mistral", sliding_window=8))
+
+
+def test_non_dms_checkpoint(tmp_path):
+    tiny_model("qwen3").save_pretrained(tmp_path)
+    with pytest.raises(DMSConfigError, match="not a DMS checkpoint"):
+        dms.from_pretrained(str(tmp_path))
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def test_missing_extra_and_misshaped_dms_weights(tmp_path):
+    neuron = dms.apply(tiny_model("llama"))
+    neuron.save_pretrained(tmp_path / "n")
+    _edit_config(tmp_path / "n", dms_separate_alpha=True)
+    with pytest.raises(DMSCheckpointError, match=r"lacks DMS weights.*layers\.0\.self_attn\.dms_adapter"):
+        dms.from_pretrained(str(tmp_path / "n"))
+
+    adapter = dms.apply(tiny_model("llama"), dms_separate_alpha=True)
+    adapter.save_pretrained(tmp_path / "a")
+    _edit_config(tmp_path / "a", dms_separate_alpha=False)
+    with pytest.raises(DMSCheckpointError, match="does not use.*dms_adapter"):
+        dms.from_pretrained(str(tmp_path / "a"))
+
+    _edit_config(tmp_path / "a", dms_separate_alpha=True, dms_alpha_per="layer")
+    with pytest.raises(DMSCheckpointError, match="wrong shape.*dms_adapter"):
+        dms.from_pretrained(str(tmp_path / "a"))
