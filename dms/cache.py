@@ -22,6 +22,9 @@ from dms._ops import ops
 
 # Growth factor of the page pool and the block table when the bound says they may overflow.
 _GROWTH = 1.125
+# After a sync the pool keeps room for this many more tokens per sequence, so that the next
+# sync is at least this many decode steps away even when nothing new is retained.
+_HEADROOM_TOKENS = 64
 
 
 class DMSCacheFullError(RuntimeError):
@@ -78,6 +81,7 @@ class DMSLayer(CacheLayerMixin):
         # Host-side bound: true lengths at the last sync + tokens appended since.
         self._synced_lens = [0] * S
         self._tokens_since_sync = 0
+        self.syncs = 0
         self.is_initialized = True
 
     def _bound(self, extra: int) -> tuple[int, int]:
@@ -91,18 +95,20 @@ class DMSLayer(CacheLayerMixin):
         if total <= self.k_pages.shape[0] and longest <= self.block_table.shape[1]:
             return
         self._synced_lens = self.seq_lens.tolist()  # the one host sync, only when the bound says so
+        self.syncs += 1
         self._tokens_since_sync = 0
         total, longest = self._bound(new_tokens)
-        if total > self.k_pages.shape[0]:
-            self._grow_pool(total)
-        if longest > self.block_table.shape[1]:
-            cols = max(longest, math.ceil(self.block_table.shape[1] * _GROWTH))
+        room = math.ceil(_HEADROOM_TOKENS / self.page_size)
+        if total + self.num_seqs * room > self.k_pages.shape[0]:
+            self._grow_pool(total, total + self.num_seqs * room)
+        if longest + room > self.block_table.shape[1]:
+            cols = max(longest + room, math.ceil(self.block_table.shape[1] * _GROWTH))
             pad = self.block_table.new_full((self.num_seqs, cols - self.block_table.shape[1]), -1)
             self.block_table = torch.cat([self.block_table, pad], dim=1)
 
-    def _grow_pool(self, needed: int) -> None:
+    def _grow_pool(self, needed: int, wanted: int) -> None:
         old = self.k_pages.shape[0]
-        new = max(needed, math.ceil(old * _GROWTH))
+        new = max(wanted, math.ceil(old * _GROWTH))
         if self.max_pages is not None:
             if needed > self.max_pages:
                 raise DMSCacheFullError(
