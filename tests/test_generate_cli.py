@@ -1,0 +1,33 @@
+"""``dms generate`` on a tiny local checkpoint with a word-level tokenizer."""
+from __future__ import annotations
+
+from conftest import forced_dms_model
+
+from dms.cli import main
+
+
+def _save_tokenizer(path, vocab_size: int = 128):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3}
+    vocab.update({f"w{i}": i for i in range(4, vocab_size)})
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                            eos_token="[EOS]").save_pretrained(path)
+
+
+def test_generate_streams_and_reports(tmp_path, capsys):
+    forced_dms_model("qwen3", "adapter").save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i}" for i in range(10, 40)))
+    assert main(["generate", str(tmp_path), "--prompt-file", str(prompt), "--max-new-tokens", "20"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) >= 10  # streamed words (seeded model + greedy: deterministic)
+    assert "compression ratio" in err and "MiB uncompressed" in err
+    ratio = float(err.split("compression ratio ")[1].split("x")[0])
+    assert ratio > 1.0
