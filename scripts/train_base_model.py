@@ -1,0 +1,286 @@
+"""Trains the project's small base model from scratch on CPU on a mixture of the dms.tasks.
+
+Resumable: every --ckpt-minutes the model, optimizer, step and RNG states go to OUT/ckpt.pt
+(written atomically); rerunning the same command continues from it. The data of a step is a
+pure function of (--seed, step), so a resumed run sees exactly the batches it would have seen.
+
+Outputs in OUT: log.jsonl (train and eval records), progress.txt (latest progress line),
+model/ (latest evaluated model: save_pretrained safetensors + tokenizer), final/ at the end.
+
+Periodic evaluation is teacher-forced exact match: the fraction of samples whose every target
+token is the argmax, which is exactly when greedy decoding reproduces the target. --final-eval
+runs real greedy generation scored with dms.tasks.score.
+
+    python scripts/train_base_model.py --out /work/runs/base
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from dms.tasks import TASKS, generate, min_length, score
+from dms.tasks.tokenizer import BOS, EOS, PAD, build_tokenizer, save_tokenizer
+
+DEFAULT_MIX = "niah_single=1,niah_multikey=1,niah_multivalue=1,niah_multiquery=1,vt=1,cwe=1,arith_trace=1"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="run folder (checkpoint, logs, saved models)")
+    p.add_argument("--arch", choices=("qwen3", "llama"), default="qwen3")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--mix", default=DEFAULT_MIX, help="task=weight,... (tasks of dms.tasks.TASKS)")
+    p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
+    p.add_argument("--start-len", type=int, default=128, help="longest prompt length at step 0")
+    p.add_argument("--max-len", type=int, default=512, help="longest prompt length after the curriculum")
+    p.add_argument("--curriculum-steps", type=int, default=20000, help="steps over which the longest length grows")
+    p.add_argument("--batch-tokens", type=int, default=4096, help="prompt tokens per batch (rows = this / length)")
+    p.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight of prompt tokens (target tokens: 1)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=300)
+    p.add_argument("--steps", type=int, default=100000)
+    p.add_argument("--stop-step", type=int, default=None,
+                   help="end this invocation at this step (checkpointed) without changing the lr schedule")
+    p.add_argument("--decay-frac", type=float, default=0.1, help="final fraction of steps with linear lr decay to 0")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ckpt-minutes", type=float, default=5.0)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-every", type=int, default=500)
+    p.add_argument("--eval-samples", type=int, default=32, help="samples per task and length at each eval")
+    p.add_argument("--eval-lengths", default="128,256,512")
+    p.add_argument("--final-eval", action="store_true", help="after training, greedy-generate and score")
+    return p.parse_args(argv)
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    mix = {}
+    for part in text.split(","):
+        name, _, w = part.partition("=")
+        if name not in TASKS:
+            raise SystemExit(f"--mix: unknown task {name!r}; expected names from {sorted(TASKS)}")
+        mix[name] = float(w or 1)
+    return mix
+
+
+def build_model(args, vocab_size: int, ids: dict[str, int]):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    cls_cfg, cls_model = (Qwen3Config, Qwen3ForCausalLM) if args.arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
+    cfg = cls_cfg(vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                  num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                  head_dim=args.hidden // args.heads, max_position_embeddings=2 * args.max_len + 256,
+                  rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=ids[BOS], eos_token_id=ids[EOS],
+                  pad_token_id=ids[PAD])
+    return cls_model(cfg)
+
+
+class Data:
+    """Batches as a pure function of (seed, step)."""
+
+    def __init__(self, args, tok):
+        self.args, self.tok = args, tok
+        self.mix = parse_mix(args.mix)
+        self.min_lens = {t: min_length(t) for t in self.mix}
+        self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
+
+    def longest(self, step: int) -> int:
+        a = self.args
+        frac = min(1.0, step / max(1, a.curriculum_steps))
+        return int(a.start_len + frac * (a.max_len - a.start_len))
+
+    def encode(self, samples):
+        """ids [B, T]; loss weights [B, T] and target mask [B, T] (the completion and EOS)."""
+        prompts = self.tok.encode_batch([s.prompt for s in samples], add_special_tokens=False)
+        targets = self.tok.encode_batch([s.target for s in samples], add_special_tokens=False)
+        rows = [([self.bos] + p.ids, t.ids + [self.eos]) for p, t in zip(prompts, targets)]
+        width = max(len(p) + len(t) for p, t in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        weights = torch.zeros(len(rows), width)
+        target = torch.zeros(len(rows), width, dtype=torch.bool)
+        for i, (p, t) in enumerate(rows):
+            ids[i, :len(p) + len(t)] = torch.tensor(p + t)
+            weights[i, 1:len(p)] = self.args.prompt_weight
+            weights[i, len(p):len(p) + len(t)] = 1.0
+            target[i, len(p):len(p) + len(t)] = True
+        return ids, weights, target
+
+    def batch(self, step: int):
+        rng = random.Random(f"{self.args.seed}:{step}")
+        length = rng.randint(self.args.min_len, max(self.args.min_len, self.longest(step)))
+        rows = max(1, self.args.batch_tokens // length)
+        names, weights = zip(*self.mix.items())
+        samples = []
+        for _ in range(rows):
+            task = rng.choices(names, weights)[0]
+            samples.append(generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31)))
+        return self.encode(samples)
+
+
+def weighted_loss(model, ids, weights, target):
+    """Weighted mean cross-entropy, and the mean over target tokens alone (for the log)."""
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    w, t = weights[:, 1:], target[:, 1:]
+    return (ce * w).sum() / w.sum(), ce[t].mean().item()
+
+
+def lr_at(args, step: int) -> float:
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    decay_start = int(args.steps * (1 - args.decay_frac))
+    if step >= decay_start:
+        return args.lr * max(0.0, (args.steps - step) / max(1, args.steps - decay_start))
+    return args.lr
+
+
+EVAL_SEED = 10 ** 9  # evaluation samples use seeds the training stream practically never draws
+
+
+@torch.no_grad()
+def evaluate(model, data: Data, args) -> dict[str, float]:
+    """Teacher-forced exact match per task@length (== greedy decoding reproduces the target)."""
+    model.eval()
+    out = {}
+    for length in (int(x) for x in args.eval_lengths.split(",")):
+        for task in data.mix:
+            if length < data.min_lens[task]:
+                continue
+            samples = [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
+            ids, _, target = data.encode(samples)
+            pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
+            ok = ((pred == ids[:, 1:]) | ~target[:, 1:]).all(dim=1)
+            out[f"{task}@{length}"] = round(ok.float().mean().item(), 3)
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def generation_eval(model, hf_tok, args) -> dict[str, float]:
+    """Greedy generation scored with dms.tasks.score, per task@length."""
+    model.eval()
+    out = {}
+    for length in (int(x) for x in args.eval_lengths.split(",")):
+        for task in parse_mix(args.mix):
+            if length < min_length(task):
+                continue
+            samples = [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
+            enc = hf_tok([s.prompt for s in samples], return_tensors="pt")  # equal lengths: no padding
+            new = max(len(hf_tok(s.target, add_special_tokens=False).input_ids) for s in samples) + 4
+            gen = model.generate(**enc, max_new_tokens=new, do_sample=False, eos_token_id=hf_tok.eos_token_id,
+                                 pad_token_id=hf_tok.pad_token_id)
+            texts = hf_tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            out[f"{task}@{length}"] = round(sum(score(task, t, s) for t, s in zip(texts, samples)) / len(samples), 3)
+    model.train()
+    return out
+
+
+def save_model(model, folder: Path) -> None:
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    save_tokenizer(tmp)
+    if folder.exists():
+        for f in folder.iterdir():
+            f.unlink()
+        folder.rmdir()
+    tmp.rename(folder)
+
+
+def save_ckpt(path: Path, model, opt, step: int, args) -> None:
+    state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "args": vars(args),
+             "torch_rng": torch.get_rng_state(), "py_rng": random.getstate()}
+    torch.save(state, str(path) + ".tmp")
+    os.replace(str(path) + ".tmp", path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    data = Data(args, tok)
+    model = build_model(args, tok.get_vocab_size(), tok.get_vocab())
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    step = 0
+    ckpt = out / "ckpt.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["py_rng"])
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    log = open(out / "log.jsonl", "a")
+    log.write(json.dumps({"event": "start", "step": step, "params": n_params, "args": vars(args)}) + "\n")
+    model.train()
+    t_last_ckpt = t_log = time.time()
+    tokens = 0
+    stop = min(args.steps, args.stop_step or args.steps)
+    while step < stop:
+        lr = lr_at(args, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ids, weights, target = data.batch(step)
+        loss, target_loss = weighted_loss(model, ids, weights, target)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        tokens += ids.numel()
+        if step % args.log_every == 0:
+            dt = time.time() - t_log
+            rec = {"step": step, "loss": round(loss.item(), 4), "target_loss": round(target_loss, 4),
+                   "lr": lr, "gnorm": round(gnorm, 3), "longest": data.longest(step), "tok_s": round(tokens / dt),
+                   "time": round(time.time())}
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            line = (f"step {step}/{args.steps} loss {rec['loss']:.3f} target {rec['target_loss']:.3f} "
+                    f"lr {lr:.2e} len<={rec['longest']} {rec['tok_s']} tok/s")
+            print(line, flush=True)
+            (out / "progress.txt").write_text(line + "\n")
+            t_log, tokens = time.time(), 0
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = evaluate(model, data, args)
+            log.write(json.dumps({"step": step, "eval": acc, "time": round(time.time())}) + "\n")
+            log.flush()
+            print(f"eval step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+            save_model(model, out / "model")
+            t_log = time.time()
+        if time.time() - t_last_ckpt > 60 * args.ckpt_minutes or step == stop:
+            save_ckpt(ckpt, model, opt, step, args)
+            t_last_ckpt = time.time()
+    if step < args.steps:
+        log.close()
+        return
+    save_model(model, out / "final")
+    if args.final_eval:
+        from transformers import AutoTokenizer
+
+        acc = generation_eval(model, AutoTokenizer.from_pretrained(str(out / "final")), args)
+        log.write(json.dumps({"step": step, "generation_eval": acc}) + "\n")
+        print("generation eval: " + json.dumps(acc), flush=True)
+    log.close()
+
+
+if __name__ == "__main__":
+    main()
