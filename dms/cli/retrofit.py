@@ -1,0 +1,57 @@
+"""``dms retrofit``: train a plain Llama/Qwen2/Qwen3/Mistral model folder into a DMS model.
+
+Many processes: ``torchrun --nproc_per_node N scripts/retrofit_torchrun.py <same arguments>``.
+"""
+from __future__ import annotations
+
+import argparse
+
+from dms.train.config import DTYPES, TRAIN_MODES, VARIANTS, TrainConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig.__dataclass_fields__
+    p.add_argument("model", help="model folder (config.json, weights, tokenizer if the data holds 'text')")
+    p.add_argument("--data", nargs="+", required=True, help="JSONL files, one object per line with 'text' or 'input_ids'")
+    p.add_argument("--output-dir", required=True, help="where the DMS model, checkpoints and train_log.jsonl go")
+    p.add_argument("--target-cr", type=float, default=d["target_cr"].default, help="target KV compression ratio (>= 1)")
+    p.add_argument("--window", type=int, default=d["window"].default, help="delayed-eviction window w")
+    p.add_argument("--steps", type=int, default=d["steps"].default, help="optimizer steps")
+    p.add_argument("--ramp-steps", type=int, default=None,
+                   help="steps over which the compression ratio grows linearly from 1 to the target (default: --steps)")
+    p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="sequences per process and micro-batch")
+    p.add_argument("--grad-accum", type=int, default=d["grad_accum"].default, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=d["seq_len"].default, help="tokens per training sequence")
+    p.add_argument("--lr", type=float, default=d["lr"].default, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default, help="linear learning-rate warm-up")
+    p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
+    p.add_argument("--grad-clip", type=float, default=d["grad_clip"].default, help="max gradient norm (0 = off)")
+    p.add_argument("--train-mode", choices=TRAIN_MODES, default=d["train_mode"].default,
+                   help="adapter-only: base frozen, only the decision parameters train; full: fine-tune everything")
+    p.add_argument("--variant", choices=VARIANTS, default=d["variant"].default,
+                   help="neuron: borrow a q_proj row per KV head (published format); adapter: a separate Linear")
+    p.add_argument("--tau", type=float, default=d["tau"].default, help="Gumbel-sigmoid temperature")
+    p.add_argument("--alpha-scale", type=float, default=d["alpha_scale"].default)
+    p.add_argument("--alpha-offset", type=float, default=d["alpha_offset"].default)
+    p.add_argument("--compression-weight", type=float, default=d["compression_weight"].default,
+                   help="weight of the max(0, target - evicted) term")
+    p.add_argument("--kl-chunk-tokens", type=int, default=d["kl_chunk_tokens"].default,
+                   help="positions whose vocabulary logits are alive at once")
+    p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
+    p.add_argument("--dtype", choices=DTYPES, default=d["dtype"].default)
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--seed", type=int, default=d["seed"].default)
+    p.add_argument("--save-every", type=int, default=d["save_every"].default,
+                   help="write checkpoint-<step> every N steps (0 = only the final model)")
+    p.add_argument("--log-every", type=int, default=d["log_every"].default, help="write a log record every N steps")
+    p.add_argument("--resume-from", default=None, help="a checkpoint-<step> folder of an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dms.train import retrofit
+
+    options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    options["progress"] = not args.no_progress
+    retrofit(args.model, TrainConfig(**options))
+    return 0

@@ -1,0 +1,60 @@
+"""Retrofit loss: KL(student || teacher) on next-token distributions + the one-sided
+compression term, and the compression-ratio curriculum (DESIGN.md §1)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def compression_ratio_at(step: int, target_cr: float, ramp_steps: int) -> float:
+    """CR(step): linear from 1 at step 0 to ``target_cr`` at ``ramp_steps``, then constant.
+    ``step`` counts optimizer steps already taken (0 for the first)."""
+    if ramp_steps <= 0:
+        return float(target_cr)
+    return 1.0 + (target_cr - 1.0) * min(1.0, step / ramp_steps)
+
+
+def target_fraction(step: int, target_cr: float, ramp_steps: int) -> float:
+    """Fraction of tokens to evict at ``step``: 1 - 1/CR(step)."""
+    return 1.0 - 1.0 / compression_ratio_at(step, target_cr, ramp_steps)
+
+
+def evicted_fraction(decisions: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Mean of the (straight-through) decisions [B, Hkv, T] of every layer over the entries
+    ``valid`` [B, T] marks (see ``dms.attention.training.decision_mask``)."""
+    w = valid.to(decisions[0].dtype)[:, None, :]
+    total = sum((d * w).sum() for d in decisions)
+    count = sum(w.sum() * d.shape[1] for d in decisions)
+    return total / count.clamp(min=1)
+
+
+def compression_loss(fraction: torch.Tensor, target_frac: float) -> torch.Tensor:
+    """max(0, target_frac - fraction): pushes eviction up to the target, never beyond."""
+    return F.relu(target_frac - fraction)
+
+
+def _kl_rows(student_h, teacher_h, student_w, teacher_w):
+    s = F.log_softmax((student_h @ student_w.T).float(), dim=-1)
+    with torch.no_grad():
+        t = F.log_softmax((teacher_h @ teacher_w.T).float(), dim=-1)
+    return (s.exp() * (s - t)).sum()
+
+
+def kl_student_teacher(student_h: torch.Tensor, teacher_h: torch.Tensor, student_head: torch.nn.Linear,
+                       teacher_head: torch.nn.Linear, valid: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Mean over ``valid`` [B, T] positions of KL(student || teacher) between the next-token
+    distributions of final hidden states [B, T, H]. The vocabulary projection runs on
+    ``chunk_tokens`` positions at a time and is recomputed in backward, so at most one chunk
+    of [chunk_tokens, vocab] logits is alive (a 150K vocabulary fits)."""
+    if student_head.bias is not None or teacher_head.bias is not None:
+        raise NotImplementedError("kl_student_teacher supports bias-free output heads only")
+    s, t = student_h[valid], teacher_h[valid]
+    n = s.shape[0]
+    if n == 0:
+        return student_h.sum() * 0.0
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, n, chunk_tokens):
+        args = (s[i:i + chunk_tokens], t[i:i + chunk_tokens], student_head.weight, teacher_head.weight)
+        total = total + (checkpoint(_kl_rows, *args, use_reentrant=False) if torch.is_grad_enabled() else _kl_rows(*args))
+    return total / n

@@ -1,0 +1,378 @@
+"""DMS retrofit training loop (DESIGN.md §1): distil a model into its own DMS version.
+
+One process, or many under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU). The teacher is the
+same model with eviction off ("off" mode) when the base is frozen; a full fine-tune keeps a
+frozen copy of the original model as teacher. In the borrowed-neuron variant with a frozen
+base, only the borrowed q_proj rows train (gradient masking) and the teacher runs with those
+rows' original values swapped in, so it stays exactly the plain model.
+
+Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
+checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
+recomputed noise matches. Checkpoints hold the model in the published format plus
+``training_state.pt`` (optimizer, step, samples consumed, original neuron rows) and one
+``rng_rank{r}.pt`` per process, so a resumed run continues exactly like an uninterrupted one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import glob
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dms.attention.training import decision_mask
+from dms.train.config import SUPPORTED_ARCHS, TrainConfig
+from dms.train.data import SampleStream, pack, read_documents
+from dms.train.loss import compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher
+
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+
+def load_base_model(model, dtype: str = "float32"):
+    """(model, tokenizer or None) from a folder path, or an already built transformers model."""
+    if isinstance(model, nn.Module):
+        tokenizer = None
+    else:
+        if not os.path.isdir(str(model)):
+            raise FileNotFoundError(f"model must be a model folder or a transformers model; {model!r} is not a folder")
+        import transformers
+
+        config = transformers.AutoConfig.from_pretrained(model)
+        _check_arch(config)
+        model_path = model
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
+        except (OSError, ValueError, TypeError):
+            tokenizer = None  # no tokenizer files: only "input_ids" data can be used
+    _check_arch(model.config)
+    return model, tokenizer
+
+
+def _check_arch(config) -> None:
+    arch = getattr(config, "model_type", None)
+    if arch not in SUPPORTED_ARCHS:
+        raise ValueError(f"unsupported architecture {arch!r}: DMS retrofit supports {', '.join(SUPPORTED_ARCHS)}")
+
+
+class NeuronRows:
+    """The borrowed q_proj rows of a frozen base: their original values (for the teacher)
+    and the gradient mask that keeps every other row frozen."""
+
+    def __init__(self, model, original_q: dict[int, tuple[torch.Tensor, torch.Tensor | None]], rows: dict):
+        self.params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, rows, original)
+        for layer, idx in rows.items():
+            q_proj = model.model.layers[layer].self_attn.q_proj
+            idx = idx.to(q_proj.weight.device)
+            weight, bias = original_q[layer]
+            self.params.append((q_proj.weight, idx, weight.to(q_proj.weight.device)[idx].clone()))
+            if q_proj.bias is not None:
+                self.params.append((q_proj.bias, idx, bias.to(q_proj.bias.device)[idx].clone()))
+
+    @contextlib.contextmanager
+    def original(self):
+        """Swap the original rows in (no autograd trace) for the teacher's forward."""
+        with torch.no_grad():
+            trained = [p[idx].clone() for p, idx, _ in self.params]
+            for p, idx, orig in self.params:
+                p[idx] = orig
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, idx, _), t in zip(self.params, trained):
+                    p[idx] = t
+
+    def mask_grads(self) -> None:
+        for p, idx, _ in self.params:
+            if p.grad is not None:
+                keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
+                keep[idx] = True
+                p.grad[~keep] = 0
+
+    def state(self) -> list[torch.Tensor]:
+        return [orig.cpu() for _, _, orig in self.params]
+
+    def load_state(self, originals: list[torch.Tensor]) -> None:
+        if len(originals) != len(self.params):
+            raise ValueError(f"checkpoint holds {len(originals)} original neuron row sets, the model has {len(self.params)}")
+        self.params = [(p, idx, o.to(p.device)) for (p, idx, _), o in zip(self.params, originals)]
+
+
+class _Student(nn.Module):
+    """The differentiable part of a step, one module so DDP can wrap it."""
+
+    def __init__(self, model, kl_chunk_tokens: int):
+        super().__init__()
+        self.model = model
+        self.kl_chunk_tokens = kl_chunk_tokens
+
+    def forward(self, ids, attention_mask, position_ids, real, teacher_h, teacher_head):
+        from dms.models import last_decisions
+
+        h = self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).last_hidden_state
+        kl = kl_student_teacher(h, teacher_h, self.model.lm_head, teacher_head, real, self.kl_chunk_tokens)
+        fraction = evicted_fraction(last_decisions(self.model), decision_mask(real, *real.shape))
+        return kl, fraction
+
+
+def _init_distributed(device: str | None):
+    """(rank, world, device, owns_process_group). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    owns = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        owns = True
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device, owns
+    return 0, 1, device, owns
+
+
+class Trainer:
+    def __init__(self, model, cfg: TrainConfig, rank: int = 0, world: int = 1, device="cpu"):
+        import dms
+        from dms.models import borrowed_neuron_rows, dms_parameters, set_mode, set_noise_generator
+
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, torch.device(device)
+        base, self.tokenizer = load_base_model(model, cfg.dtype)
+        max_pos = getattr(base.config, "max_position_embeddings", None)
+        if max_pos is not None and cfg.seq_len > max_pos:
+            raise ValueError(f"seq_len {cfg.seq_len} is longer than the model supports (max_position_embeddings = {max_pos})")
+        eos = base.config.eos_token_id
+        eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        pad = base.config.pad_token_id if base.config.pad_token_id is not None else (eos or 0)
+        ids, real = pack(read_documents(cfg.data, self.tokenizer), cfg.seq_len, eos, pad)
+        self.stream = SampleStream(ids, real, cfg.seed)
+
+        frozen_base = cfg.train_mode == "adapter-only"
+        self.teacher = None if frozen_base else copy.deepcopy(base).eval().requires_grad_(False).to(self.device)
+        neuron_frozen = frozen_base and cfg.variant == "neuron"
+        original_q = ({i: (layer.self_attn.q_proj.weight.detach().clone(),
+                           None if layer.self_attn.q_proj.bias is None else layer.self_attn.q_proj.bias.detach().clone())
+                       for i, layer in enumerate(base.model.layers)} if neuron_frozen else {})
+        applied = dms.apply(base, **cfg.dms_kwargs())
+        self.model = (base if applied is None else applied).to(self.device)
+        self.model.config.use_cache = False
+        self._set_mode = set_mode
+        set_noise_generator(self.model, None)
+
+        self.neuron = NeuronRows(self.model, original_q, borrowed_neuron_rows(self.model)) if neuron_frozen else None
+        del original_q
+        groups = self._trainable(dms_parameters(self.model), frozen_base)
+        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        if cfg.activation_checkpointing:
+            # Non-reentrant: the decisions leave each layer as a side output and need its graph.
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+        self.student = _Student(self.model, cfg.kl_chunk_tokens)
+        if world > 1:
+            ids_ = [self.device.index] if self.device.type == "cuda" else None
+            self.student = nn.parallel.DistributedDataParallel(self.student, device_ids=ids_)
+        self.step, self.samples = 0, 0
+        torch.manual_seed(cfg.seed + rank)
+        if cfg.resume_from:
+            self._resume(cfg.resume_from)
+
+    def _trainable(self, dms_params, frozen_base: bool) -> list[dict]:
+        cfg = self.cfg
+        if not frozen_base:
+            self.model.requires_grad_(True)
+            return [{"params": [p for p in self.model.parameters()], "weight_decay": cfg.weight_decay}]
+        self.model.requires_grad_(False)
+        adapters = [p for _, p in dms_params]
+        groups = [{"params": adapters, "weight_decay": cfg.weight_decay}] if adapters else []
+        if self.neuron is not None:
+            # AdamW's decay would shrink every row of q_proj, not only the borrowed ones.
+            rows = list({id(p): p for p, _, _ in self.neuron.params}.values())
+            groups.append({"params": rows, "weight_decay": 0.0})
+        for g in groups:
+            for p in g["params"]:
+                p.requires_grad_(True)
+        if not any(g["params"] for g in groups):
+            raise ValueError(f"variant {cfg.variant!r} with train_mode 'adapter-only' left nothing to train "
+                             "(dms.models reported no DMS parameters nor borrowed rows)")
+        return groups
+
+    # -- one step -----------------------------------------------------------------------
+    def teacher_hidden(self, ids, attention_mask, position_ids):
+        with torch.no_grad():
+            if self.teacher is not None:
+                return self.teacher.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                                          use_cache=False).last_hidden_state
+            self._set_mode(self.model, "off")
+            try:
+                with self.neuron.original() if self.neuron is not None else contextlib.nullcontext():
+                    return self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                                            use_cache=False).last_hidden_state
+            finally:
+                self._set_mode(self.model, "train")
+
+    def train_step(self) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        cr = compression_ratio_at(self.step, cfg.target_cr, cfg.ramp)
+        target_frac = 1.0 - 1.0 / cr
+        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        teacher_head = (self.teacher if self.teacher is not None else self.model).lm_head
+        sums = torch.zeros(4, dtype=torch.float64)  # kl, compression term, evicted fraction, tokens
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        for m in range(cfg.grad_accum):
+            first = self.samples + (m * self.world + self.rank) * cfg.batch_size
+            ids, real = self.stream.batch(range(first, first + cfg.batch_size))
+            ids, real = ids.to(self.device), real.to(self.device)
+            padded = not bool(real.all())
+            attention_mask = real.long() if padded else None
+            position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
+            teacher_h = self.teacher_hidden(ids, attention_mask, position_ids)
+            sync = m == cfg.grad_accum - 1 or not isinstance(self.student, nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.student.no_sync():
+                self._set_mode(self.model, "train")
+                kl, fraction = self.student(ids, attention_mask, position_ids, real, teacher_h, teacher_head)
+                comp = compression_loss(fraction, target_frac)
+                ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
+            sums += torch.tensor([kl.item(), comp.item(), fraction.item(), float(real.sum())], dtype=torch.float64)
+        if self.neuron is not None:
+            self.neuron.mask_grads()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.samples += per_step
+        if self.world > 1:
+            dist.all_reduce(sums)
+        n = cfg.grad_accum * self.world
+        kl, comp, frac = (sums[:3] / n).tolist()
+        seconds = time.perf_counter() - t0
+        return {"step": self.step, "loss": kl + cfg.compression_weight * comp, "kl": kl, "compression_loss": comp,
+                "evicted_fraction": frac, "achieved_cr": 1.0 / max(1.0 - frac, 1e-9), "target_cr": cr, "lr": lr,
+                "tokens": int(sums[3]), "tokens_per_s": sums[3].item() / seconds, "seconds": seconds}
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def save(self, directory: str) -> None:
+        """Published format (``save_pretrained`` + tokenizer) + training state + RNG per rank."""
+        os.makedirs(directory, exist_ok=True)
+        if self.rank == 0:
+            self.model.save_pretrained(directory)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(directory)
+            torch.save({"step": self.step, "samples": self.samples, "world_size": self.world,
+                        "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict(),
+                        "neuron_rows": None if self.neuron is None else self.neuron.state()},
+                       os.path.join(directory, STATE_FILE))
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        torch.save(rng, os.path.join(directory, f"rng_rank{self.rank}.pt"))
+        if self.world > 1:
+            dist.barrier()
+
+    def _resume(self, directory: str) -> None:
+        from safetensors.torch import load_file
+
+        path = os.path.join(directory, STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume_from {directory!r} has no {STATE_FILE} (not a checkpoint of this trainer)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        weights = {}
+        for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
+            weights.update(load_file(f, device=str(self.device)))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        loaded = {p.data_ptr() for n, p in self.model.state_dict().items() if n in weights}
+        untied = [n for n in missing if self.model.state_dict()[n].data_ptr() not in loaded]
+        if unexpected or untied:
+            raise ValueError(f"checkpoint {directory!r} does not match the model: missing {untied}, unexpected {unexpected}")
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.neuron is not None:
+            self.neuron.load_state(state["neuron_rows"])
+        self.step, self.samples = state["step"], state["samples"]
+        rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
+        if state["world_size"] != self.world or not os.path.isfile(rng_path):
+            raise ValueError(f"resume_from {directory!r} was written by {state['world_size']} processes, "
+                             f"this run has {self.world}: an identical continuation needs the same number")
+        rng = torch.load(rng_path, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    # -- loop ----------------------------------------------------------------------------
+    def train(self):
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        log_path = os.path.join(cfg.output_dir, LOG_FILE)
+        if self.rank == 0:
+            os.makedirs(cfg.output_dir, exist_ok=True)
+            _truncate_log(log_path, self.step)
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=self.rank != 0 or not cfg.progress,
+                   desc="dms retrofit", unit="step", dynamic_ncols=True)
+        while self.step < cfg.steps:
+            record = self.train_step()
+            if self.rank == 0:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}",
+                                cr=f"{record['achieved_cr']:.2f}/{record['target_cr']:.2f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                self.save(os.path.join(cfg.output_dir, f"checkpoint-{self.step:06d}"))
+        bar.close()
+        self._check_ranks_agree()
+        self.save(cfg.output_dir)
+        self.model.eval()
+        return self.model
+
+    def _check_ranks_agree(self) -> None:
+        """DDP keeps replicas identical; verify it before the (rank 0) save."""
+        if self.world == 1:
+            return
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        digest = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                              for p in params]).flatten().cpu()
+        gathered = [torch.empty_like(digest) for _ in range(self.world)]
+        dist.all_gather(gathered, digest)
+        if not all(torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError("trained parameters differ between ranks after training")
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """On resume, drop records past the checkpoint (an interrupted run may have logged them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(keep)
+
+
+def retrofit(model, config: TrainConfig | None = None, **options):
+    """Train ``model`` (a model folder or a transformers Llama/Qwen2/Qwen3/Mistral model) into
+    a DMS model; options are ``TrainConfig`` fields. Returns the trained model (eval mode) and
+    writes it, with checkpoints and ``train_log.jsonl``, to ``output_dir``."""
+    if config is not None and options:
+        raise TypeError("give either config or keyword options, not both")
+    cfg = config or TrainConfig(**options)
+    rank, world, device, owns = _init_distributed(cfg.device)
+    try:
+        return Trainer(model, cfg, rank, world, device).train()
+    finally:
+        if owns:
+            dist.destroy_process_group()
