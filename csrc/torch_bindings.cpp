@@ -21,8 +21,9 @@ TORCH_LIBRARY(dms, m) {
   m.def("scan_flags(Tensor decisions, Tensor? valid, int window) -> (Tensor keep, Tensor offsets, Tensor counts)");
 
   // Dense [S, T, D] + keep bool [S, T] -> packed [N, D] (stable order: s, then t),
-  // cu_seqlens int32 [S+1], max_seqlen.
-  m.def("compact(Tensor x, Tensor keep) -> (Tensor packed, Tensor cu_seqlens, int max_seqlen)");
+  // cu_seqlens int32 [S+1], max_seqlen. max_seqlen is a SymInt (a plain int in eager) so the
+  // fake kernel can return it unbacked: with `int`, torch.compile and opcheck must specialise it.
+  m.def("compact(Tensor x, Tensor keep) -> (Tensor packed, Tensor cu_seqlens, SymInt max_seqlen)");
 
   // Feed T >= 1 new tokens per sequence (k, v [S, T, D], decisions bool [S, T], valid bool
   // [S, T] or None) into the paged store, one token at a time per sequence: the decision of
@@ -43,5 +44,5 @@ TORCH_LIBRARY(dms, m) {
       "Tensor seq_lens, float scale) -> Tensor");
 
   // Paged store -> packed varlen [N, D] in slot order, cu_seqlens int32 [S+1], max_seqlen.
-  m.def("gather_varlen(Tensor pages, Tensor block_table, Tensor seq_lens) -> (Tensor packed, Tensor cu_seqlens, int max_seqlen)");
+  m.def("gather_varlen(Tensor pages, Tensor block_table, Tensor seq_lens) -> (Tensor packed, Tensor cu_seqlens, SymInt max_seqlen)");
 }

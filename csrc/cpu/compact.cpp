@@ -10,7 +10,7 @@
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, int64_t> compact_cpu(const at::Tensor& x, const at::Tensor& keep) {
+std::tuple<at::Tensor, at::Tensor, c10::SymInt> compact_cpu(const at::Tensor& x, const at::Tensor& keep) {
   dms::check_compact(x, keep);
   const int64_t S = x.size(0), T = x.size(1);
   const int64_t row_bytes = x.size(2) * x.element_size();
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> compact_cpu(const at::Tensor& x, con
       }
     }
   });
-  return {packed, cu, max_seqlen};
+  return {packed, cu, c10::SymInt(max_seqlen)};
 }
 
 }  // namespace

@@ -11,7 +11,7 @@
 
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, int64_t> gather_varlen_cpu(const at::Tensor& pages,
+std::tuple<at::Tensor, at::Tensor, c10::SymInt> gather_varlen_cpu(const at::Tensor& pages,
                                                               const at::Tensor& block_table,
                                                               const at::Tensor& seq_lens) {
   dms::check_gather_varlen(pages, block_table, seq_lens);
@@ -44,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor, int64_t> gather_varlen_cpu(const at::Tensor& 
       }
     }
   });
-  return {packed, cu, max_seqlen};
+  return {packed, cu, c10::SymInt(max_seqlen)};
 }
 
 }  // namespace
