@@ -20,11 +20,16 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from dms._ops import ops
 
-# Growth factor of the page pool and the block table when the bound says they may overflow.
-_GROWTH = 1.125
+# Growth factor of the page pool and the block table when the bound says they may overflow
+# (small: the pool is what DMS saves; geometric, so copies stay amortised).
+_GROWTH = 1.0625
 # After a sync the pool keeps room for this many more tokens per sequence, so that the next
 # sync is at least this many decode steps away even when nothing new is retained.
-_HEADROOM_TOKENS = 64
+_HEADROOM_TOKENS = 32
+# A long append (prefill) is fed in pieces of this many tokens: the bound then asks for room
+# for one piece per sequence, not for the whole prompt, so peak memory follows the retained
+# set. Feeding token by token is what the op does anyway, so the result is identical.
+_APPEND_PIECE = 64
 
 
 class DMSCacheFullError(RuntimeError):
@@ -136,12 +141,14 @@ class DMSLayer(CacheLayerMixin):
         if keys.shape[0] != self.num_seqs:
             raise ValueError(f"DMSCache holds {self.num_seqs} sequences (batch * kv heads); got {keys.shape[0]}")
         T = keys.shape[1]
-        self._reserve(T)
-        ops.append(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
-                   self.ring_slots, self.ring_flags, self.free_pages, self.free_top,
-                   keys.contiguous(), values.contiguous(), decisions.contiguous(),
-                   None if valid is None else valid.contiguous())
-        self._tokens_since_sync += T
+        for a in range(0, T, _APPEND_PIECE):
+            b = min(a + _APPEND_PIECE, T)
+            self._reserve(b - a)
+            ops.append(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
+                       self.ring_slots, self.ring_flags, self.free_pages, self.free_top,
+                       keys[:, a:b].contiguous(), values[:, a:b].contiguous(), decisions[:, a:b].contiguous(),
+                       None if valid is None else valid[:, a:b].contiguous())
+            self._tokens_since_sync += b - a
         self.columns += T
 
     def update(self, key_states, value_states, *args, **kwargs):
