@@ -95,3 +95,12 @@ def test_off_mode_generates_like_vanilla(arch):
     cache = dms.DMSCache(model)
     assert torch.equal(model.generate(**kw, past_key_values=cache), vanilla.generate(**kw))
     assert cache.compression_ratio() == 1.0
+
+
+def test_generate_prefill_chunk_size_matches_one_shot(arch):
+    """generate(prefill_chunk_size=...) feeds the prompt in pieces on top of the compressed cache."""
+    model = forced_dms_model(arch, "neuron")
+    ids, mask = left_padded([10, 17], seed=6)
+    _, one, _ = _generate(model, ids, mask, 5)
+    _, chunked, _ = _generate(model, ids, mask, 5, prefill_chunk_size=4)
+    torch.testing.assert_close(chunked, one, atol=ATOL, rtol=0)

@@ -16,6 +16,10 @@ except ImportError:
     flash_attn_with_kvcache = None
 
 
+# Score elements (sequences * query rows * keys) of one prefill step: 64 MiB in fp32.
+_SCORE_BUDGET = 1 << 24
+
+
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
                     scale: float) -> torch.Tensor:
     """Eager attention (same arithmetic as transformers' eager_attention_forward, so that
@@ -76,6 +80,8 @@ def prefill_attention(q, k, v, decisions, valid, view, window: int, scale: float
         last = torch.cat([old_last, last], dim=1)
         key_idx = torch.cat([torch.full_like(old_last, -1), q_idx], dim=1)
     n_old = ks.shape[1] - T
+    # Queries per step: at most ``chunk``, and few enough that the fp32 scores stay in budget.
+    chunk = max(1, min(chunk, _SCORE_BUDGET // (S * qs.shape[1] * ks.shape[1])))
     out = torch.empty(S, qs.shape[1], T, D, dtype=torch.float32, device=q.device)
     kf, vf = ks.float(), vs.float()
     for a in range(0, T, chunk):
@@ -92,13 +98,15 @@ def prefill_attention(q, k, v, decisions, valid, view, window: int, scale: float
 
 def decode_attention(layer, q: torch.Tensor, scale: float) -> torch.Tensor:
     """One new query per sequence over the paged store (after its token was appended).
-    q [B, Hq, 1, D] -> [B, Hq, 1, D]. On CUDA with flash_attn installed, FlashAttention reads
-    the same pages through block_table; that branch cannot run on the CPU-only development
-    machine and is untested."""
+    q [B, Hq, 1, D] -> [B, Hq, 1, D]. On CUDA with flash_attn installed (fp16/bf16, page size a
+    multiple of 256 as its paged kernel requires), FlashAttention reads the same pages through
+    block_table; that branch cannot run on the CPU-only development machine and is untested.
+    Otherwise torch.ops.dms.paged_decode_attention (CPU and CUDA kernels)."""
     B, Hq, _, D = q.shape
     S = layer.num_seqs
     qs = q.reshape(S, Hq * B // S, D)
-    if q.is_cuda and flash_attn_with_kvcache is not None:
+    if (q.is_cuda and flash_attn_with_kvcache is not None and q.dtype in (torch.float16, torch.bfloat16)
+            and layer.page_size % 256 == 0):
         out = flash_attn_with_kvcache(qs[:, None], layer.k_pages[:, :, None], layer.v_pages[:, :, None],
                                       cache_seqlens=layer.seq_lens, block_table=layer.block_table,
                                       softmax_scale=scale, causal=False)

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per forward: each piece attends the already compressed cache")
 
 
 def _prompt(args) -> str:
@@ -38,8 +40,9 @@ def run(args) -> int:
 
     import dms
 
-    if args.max_new_tokens < 1:
-        raise SystemExit("--max-new-tokens must be >= 1")
+    for name in ("max_new_tokens", "page_size", "prefill_chunk"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -55,7 +58,7 @@ def run(args) -> int:
         dict(do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, streamer=streamer,
-                   pad_token_id=pad, **sampling)
+                   pad_token_id=pad, prefill_chunk_size=args.prefill_chunk, **sampling)
     print(file=sys.stderr)
     print(report(cache), file=sys.stderr)
     return 0
