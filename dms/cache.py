@@ -120,9 +120,8 @@ class DMSLayer(CacheLayerMixin):
                     f"DMSCache: a layer needs {needed} pages of {self.page_size} tokens but max_pages="
                     f"{self.max_pages}; raise max_pages or use a higher compression")
             new = min(new, self.max_pages)
-        shape = (new - old, self.page_size, self.head_dim)
-        self.k_pages = torch.cat([self.k_pages, self.k_pages.new_zeros(shape)])
-        self.v_pages = torch.cat([self.v_pages, self.v_pages.new_zeros(shape)])
+        self.k_pages = self._regrow(self.k_pages, new)
+        self.v_pages = self._regrow(self.v_pages, new)
         top = int(self.free_top[0])
         fresh = torch.arange(old, new, dtype=torch.int32, device=self.device)
         # New ids go below the existing free ones (the op pops from the top); the list keeps
@@ -130,6 +129,12 @@ class DMSLayer(CacheLayerMixin):
         unused = self.free_pages.new_zeros(new - (new - old) - top)
         self.free_pages = torch.cat([fresh, self.free_pages[:top], unused])
         self.free_top.fill_(top + new - old)
+
+    @staticmethod
+    def _regrow(pages: torch.Tensor, n: int) -> torch.Tensor:
+        grown = pages.new_empty((n, *pages.shape[1:]))  # new pages are only read once written
+        grown[: pages.shape[0]] = pages
+        return grown
 
     # -- writing -------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,

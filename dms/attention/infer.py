@@ -7,6 +7,7 @@ query heads h*G .. h*G+G-1 as G query rows (no repeat_kv).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from dms.attention.masks import last_visible_query, valid_index
 
@@ -16,7 +17,7 @@ except ImportError:
     flash_attn_with_kvcache = None
 
 
-# Score elements (sequences * query rows * keys) of one prefill step: 64 MiB in fp32.
+# Mask elements (sequences * query heads * query rows * keys) of one prefill step.
 _SCORE_BUDGET = 1 << 24
 
 
@@ -80,19 +81,21 @@ def prefill_attention(q, k, v, decisions, valid, view, window: int, scale: float
         last = torch.cat([old_last, last], dim=1)
         key_idx = torch.cat([torch.full_like(old_last, -1), q_idx], dim=1)
     n_old = ks.shape[1] - T
-    # Queries per step: at most ``chunk``, and few enough that the fp32 scores stay in budget.
+    # Queries per step: at most ``chunk``, and few enough that the mask stays in budget.
     chunk = max(1, min(chunk, _SCORE_BUDGET // (S * qs.shape[1] * ks.shape[1])))
     out = torch.empty(S, qs.shape[1], T, D, dtype=torch.float32, device=q.device)
-    kf, vf = ks.float(), vs.float()
+    ks, vs = ks[:, None], vs[:, None]  # one KV head per sequence, G query heads (enable_gqa)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
         qi = q_idx[:, a:b, None]
         allowed = (key_idx[:, None, : n_old + b] <= qi) & (qi <= last[:, None, : n_old + b])
         allowed &= valid[:, a:b, None]
-        scores = torch.matmul(qs[:, :, a:b].float(), kf[:, : n_old + b].transpose(1, 2)[:, None]) * scale
-        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-        out[:, :, a:b] = torch.matmul(probs, vf[:, None, : n_old + b])
+        # Fused attention (softmax accumulated in fp32), never materialising the scores.
+        out[:, :, a:b] = F.scaled_dot_product_attention(
+            qs[:, :, a:b], ks[:, :, : n_old + b], vs[:, :, : n_old + b], attn_mask=allowed[:, None],
+            scale=scale, enable_gqa=True).float()
+    # Pad queries see no key: their rows come out NaN (or garbage); give them zeros.
+    out.masked_fill_(~valid[:, None, :, None], 0.0)
     return out.to(q.dtype).reshape(B, Hq, T, D)
 
 
