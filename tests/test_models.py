@@ -137,3 +137,17 @@ def test_missing_extra_and_misshaped_dms_weights(tmp_path):
     _edit_config(tmp_path / "a", dms_separate_alpha=True, dms_alpha_per="layer")
     with pytest.raises(DMSCheckpointError, match="wrong shape.*dms_adapter"):
         dms.from_pretrained(str(tmp_path / "a"))
+
+
+def test_plain_cache_rejected_in_infer_and_train(arch):
+    from transformers import DynamicCache
+
+    model = forced_dms_model(arch)
+    ids = torch.randint(3, 128, (1, 5))
+    with pytest.raises(TypeError, match="needs a dms.DMSCache, got a DynamicCache"):
+        model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+    set_mode(model, "train")
+    with pytest.raises(ValueError, match="use_cache=False"):
+        model(input_ids=ids, past_key_values=dms.DMSCache(model))
+    set_mode(model, "off")  # "off" is the vanilla model: any cache works
+    assert model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits.shape == (1, 5, 128)

@@ -77,7 +77,7 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
     padding = _padding(attention_mask, T)
 
     if mode == "train":
-        if isinstance(past_key_values, DMSCache) or (past_key_values is not None and past_key_values.get_seq_length(module.layer_idx) > 0):
+        if past_key_values is not None:
             raise ValueError("DMS train mode runs without a KV cache: call the model with use_cache=False")
         out, hard, _ = _train_attention()(q, k, v, logits, window=cfg.window, tau=cfg.dms_tau,
                                           scale=module.scaling, padding_mask=padding,
@@ -89,10 +89,11 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
         if mode == "infer":
             runtime.last_decisions[module.layer_idx] = decisions.float()
     elif mode == "infer":
-        if past_key_values is not None and past_key_values.get_seq_length(module.layer_idx) > 0:
+        if past_key_values is not None:
             raise TypeError(
-                f"DMS infer mode needs a dms.DMSCache, got a {type(past_key_values).__name__} with content; "
-                "pass past_key_values=dms.DMSCache(model) (generate does this by default)")
+                f"DMS infer mode needs a dms.DMSCache, got a {type(past_key_values).__name__}; pass "
+                "past_key_values=dms.DMSCache(model) (generate and the *ForCausalLM forward do this by "
+                "default), or use_cache=False for a cache-free forward")
         decisions = logits > 0
         S = B * Hkv
         valid = None if padding is None else padding[:, None, :].expand(B, Hkv, T).reshape(S, T)
