@@ -1,9 +1,11 @@
 """``dms bench``: decode speed and KV memory, DMS cache vs transformers DynamicCache, side by
 side in one run (CPU). benchmarks/bench_decode.py runs the same thing as a script.
 
-A KV-heavy tiny Llama (random weights) decodes at several context lengths with two caches
-holding the same random keys/values: a DynamicCache with all T tokens, and a DMSCache into
-which the same T tokens were appended with forced random decisions at ~8x compression. The
+A KV-heavy tiny Llama (random weights) decodes at several context lengths with three caches
+holding the same random keys/values: transformers' DynamicCache (the generate() default; it
+concatenates, i.e. copies, the whole cache at every step) and StaticCache (preallocated, no
+copy, attends its whole length) with all T tokens, and a DMSCache into which the same T tokens
+were appended with forced random decisions at ~8x compression. The
 decisions are forced, not learned: this measures the systems cost of the cache (memory held,
 time per decode step), not accuracy. During the timed steps the DMS model's adapter is set to
 evict every token leaving the window, so the compression stays put.
@@ -37,68 +39,85 @@ def _models(window: int):
     return dense, model
 
 
-def _fill(dense, model, T: int, window: int, ratio: float, seed: int):
-    """Same random post-RoPE K/V into both caches; DMS decisions evict with the probability that
-    leaves T / ratio tokens (the window always stays)."""
+def _caches(dense, model, T: int, window: int, ratio: float, steps: int, seed: int) -> dict:
+    """The same random post-RoPE K/V of T tokens in a DynamicCache, a StaticCache (sized for the
+    run) and a DMSCache whose decisions evict with the probability that leaves T / ratio tokens
+    (the window always stays)."""
     import dms
-    from transformers import DynamicCache
+    from transformers import DynamicCache, StaticCache
 
     cfg = dense.config
     S, D = cfg.num_key_value_heads, cfg.head_dim
     keep_p = max(0.0, (T / ratio - window - 1) / max(1, T - window - 1))
     gen = torch.Generator().manual_seed(seed)
-    dyn = DynamicCache(config=cfg)
-    cache = dms.DMSCache(model)
-    for i, layer in enumerate(cache.layers):
+    caches = dict(dynamic=DynamicCache(config=cfg), static=StaticCache(config=cfg, max_cache_len=T + steps),
+                  dms=dms.DMSCache(model))
+    for i, layer in enumerate(caches["dms"].layers):
         k = torch.randn(1, S, T, D, generator=gen)
         v = torch.randn(1, S, T, D, generator=gen)
-        dyn.update(k, v, i)
+        caches["dynamic"].update(k, v, i)
+        caches["static"].update(k, v, i)
         layer.append(k[0], v[0], torch.rand(S, T, generator=gen) >= keep_p, None)
-    return dyn, cache
+    return caches
 
 
-def _decode(model, cache, steps: int, warmup: int) -> float:
-    """tokens/s of ``steps`` single-token forwards (batch 1) after ``warmup`` untimed ones."""
-    tok = torch.tensor([[5]])
+def _steps(model, cache, tok, n: int) -> tuple[torch.Tensor, float]:
+    """``n`` single-token forwards (batch 1): (last token, seconds)."""
+    t0 = time.perf_counter()
     with torch.no_grad():
-        for i in range(warmup + steps):
-            if i == warmup:
-                t0 = time.perf_counter()
-            logits = model(input_ids=tok, past_key_values=cache, use_cache=True).logits
-            tok = logits[:, -1:].argmax(-1)
-    return steps / (time.perf_counter() - t0)
+        for _ in range(n):
+            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return tok, time.perf_counter() - t0
 
 
-def _dense_bytes(cache) -> int:
+def _kv_bytes(cache) -> int:
+    from dms.cache import DMSCache
+
+    if isinstance(cache, DMSCache):
+        return cache.stats()["bytes"]
     return sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
 
 
-def measure(contexts, steps: int, warmup: int, window: int, ratio: float, threads: int | None) -> list[dict]:
+def measure(contexts, steps: int, warmup: int, window: int, ratio: float, threads: int | None,
+            block: int = 4) -> list[dict]:
+    """Per context, the three caches decode in turns of ``block`` steps (so that load changes on
+    a shared machine hit all of them alike) until each did ``steps`` timed steps."""
     if threads:
         torch.set_num_threads(threads)
     dense, model = _models(window)
     rows = []
+    n = block * ((steps + block - 1) // block)
     for T in contexts:
-        dyn, cache = _fill(dense, model, T, window, ratio, seed=T)
-        dense_tps = _decode(dense, dyn, steps, warmup)
-        dms_tps = _decode(model, cache, steps, warmup)
-        stats = cache.stats()
-        row = dict(context=T, dense_tok_s=dense_tps, dms_tok_s=dms_tps, speedup=dms_tps / dense_tps,
-                   dense_kv_bytes=_dense_bytes(dyn), dms_kv_bytes=stats["bytes"],
-                   compression=stats["compression_ratio"])
-        row["bytes_ratio"] = row["dense_kv_bytes"] / row["dms_kv_bytes"]
+        caches = _caches(dense, model, T, window, ratio, warmup + n, seed=T)
+        runner = dict(dynamic=dense, static=dense, dms=model)
+        toks = {name: torch.tensor([[5]]) for name in caches}
+        secs = dict.fromkeys(caches, 0.0)
+        for name in caches:
+            toks[name], _ = _steps(runner[name], caches[name], toks[name], warmup)
+        for _ in range(0, n, block):
+            for name in caches:
+                toks[name], dt = _steps(runner[name], caches[name], toks[name], block)
+                secs[name] += dt
+        row = dict(context=T, compression=caches["dms"].stats()["compression_ratio"])
+        for name, cache in caches.items():
+            row[f"{name}_tok_s"] = n / secs[name]
+            row[f"{name}_kv_bytes"] = _kv_bytes(cache)
+        row["speedup"] = row["dms_tok_s"] / row["dynamic_tok_s"]
+        row["speedup_static"] = row["dms_tok_s"] / row["static_tok_s"]
+        row["bytes_ratio"] = row["dynamic_kv_bytes"] / row["dms_kv_bytes"]
         rows.append(row)
         print(_fmt(row), flush=True)
-        del dyn, cache
+        del caches
         gc.collect()
     return rows
 
 
 def _fmt(r: dict) -> str:
     mib = 2**20
-    return (f"context {r['context']:>6}: dense {r['dense_tok_s']:8.1f} tok/s {r['dense_kv_bytes'] / mib:8.1f} MiB | "
-            f"dms {r['dms_tok_s']:8.1f} tok/s {r['dms_kv_bytes'] / mib:7.1f} MiB (CR {r['compression']:.2f}) | "
-            f"speed-up {r['speedup']:.2f}x, KV bytes ratio {r['bytes_ratio']:.2f}x")
+    return (f"context {r['context']:>6}: DynamicCache {r['dynamic_tok_s']:7.1f} tok/s "
+            f"{r['dynamic_kv_bytes'] / mib:6.1f} MiB | StaticCache {r['static_tok_s']:7.1f} tok/s | "
+            f"DMSCache {r['dms_tok_s']:7.1f} tok/s {r['dms_kv_bytes'] / mib:6.1f} MiB (CR {r['compression']:.2f}) | "
+            f"speed-up {r['speedup']:.2f}x (vs static {r['speedup_static']:.2f}x), KV bytes ratio {r['bytes_ratio']:.2f}x")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
