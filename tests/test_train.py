@@ -104,8 +104,11 @@ def test_neuron_variant_trains_only_borrowed_rows_and_teacher_stays_exact(tmp_pa
     plain = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(model, TrainConfig(**_options(tmp_path, variant="neuron")))
-    trainer.train()
     rows = borrowed_neuron_rows(trainer.model)
+    for layer, idx in rows.items():  # borrowed neurons start at 0: logit = -offset, keep all
+        assert not trainer.model.model.layers[layer].self_attn.q_proj.weight[idx].any()
+    trainer.train()
+    assert _log(trainer.cfg.output_dir)[0]["evicted_fraction"] < 0.05
     for n, p in trainer.model.named_parameters():
         if n.endswith("self_attn.q_proj.weight"):
             layer = int(n.split(".")[2])

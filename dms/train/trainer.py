@@ -2,9 +2,10 @@
 
 One process, or many under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU). The teacher is the
 same model with eviction off ("off" mode) when the base is frozen; a full fine-tune keeps a
-frozen copy of the original model as teacher. In the borrowed-neuron variant with a frozen
-base, only the borrowed q_proj rows train (gradient masking) and the teacher runs with those
-rows' original values swapped in, so it stays exactly the plain model.
+frozen copy of the original model as teacher. In the borrowed-neuron variant the borrowed
+q_proj rows start at zero (no eviction at step 0, like the zero-initialised adapter); with a
+frozen base only those rows train (gradient masking) and the teacher runs with their original
+values swapped in, so it stays exactly the plain model.
 
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
 checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
@@ -169,8 +170,10 @@ class Trainer:
         self._set_mode = set_mode
         set_noise_generator(self.model, None)
 
-        self.neuron = NeuronRows(self.model, original_q, borrowed_neuron_rows(self.model)) if neuron_frozen else None
+        rows = borrowed_neuron_rows(self.model)
+        self.neuron = NeuronRows(self.model, original_q, rows) if neuron_frozen else None
         del original_q
+        _zero_rows(self.model, rows)
         groups = self._trainable(dms_parameters(self.model), frozen_base)
         self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
         if cfg.activation_checkpointing:
@@ -180,6 +183,7 @@ class Trainer:
             else:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
+        set_mode(self.model, "train")
         self.student = _Student(self.model, cfg.kl_chunk_tokens)
         if world > 1:
             ids_ = [self.device.index] if self.device.type == "cuda" else None
@@ -244,7 +248,6 @@ class Trainer:
             teacher_h = self.teacher_hidden(ids, attention_mask, position_ids)
             sync = m == cfg.grad_accum - 1 or not isinstance(self.student, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.student.no_sync():
-                self._set_mode(self.model, "train")
                 kl, fraction = self.student(ids, attention_mask, position_ids, real, teacher_h, teacher_head)
                 comp = compression_loss(fraction, target_frac)
                 ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
@@ -291,6 +294,10 @@ class Trainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from {directory!r} has no {STATE_FILE} (not a checkpoint of this trainer)")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("train_mode", "variant", "window", "seed"):
+            if state["config"][key] != getattr(self.cfg, key):
+                raise ValueError(f"resume_from {directory!r} was trained with {key}={state['config'][key]!r}, "
+                                 f"this run has {key}={getattr(self.cfg, key)!r}")
         weights = {}
         for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
             weights.update(load_file(f, device=str(self.device)))
@@ -303,10 +310,12 @@ class Trainer:
         if self.neuron is not None:
             self.neuron.load_state(state["neuron_rows"])
         self.step, self.samples = state["step"], state["samples"]
-        rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
-        if state["world_size"] != self.world or not os.path.isfile(rng_path):
+        if state["world_size"] != self.world:
             raise ValueError(f"resume_from {directory!r} was written by {state['world_size']} processes, "
                              f"this run has {self.world}: an identical continuation needs the same number")
+        rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
+        if not os.path.isfile(rng_path):
+            raise FileNotFoundError(f"resume_from {directory!r} lacks rng_rank{self.rank}.pt (incomplete checkpoint)")
         rng = torch.load(rng_path, weights_only=True)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.device.type == "cuda":
@@ -338,6 +347,7 @@ class Trainer:
         self._check_ranks_agree()
         self.save(cfg.output_dir)
         self.model.eval()
+        self._set_mode(self.model, "infer")
         return self.model
 
     def _check_ranks_agree(self) -> None:
@@ -351,6 +361,19 @@ class Trainer:
         dist.all_gather(gathered, digest)
         if not all(torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError("trained parameters differ between ranks after training")
+
+
+def _zero_rows(model, rows: dict) -> None:
+    """Start the borrowed neurons at 0, i.e. logit = -alpha_offset: like the zero-initialised
+    adapter, the student begins evicting (almost) nothing, next to its teacher. Without this a
+    pretrained query dimension of O(1) times alpha_scale = 100 would evict about half of the
+    tokens from step 0, and the one-sided compression loss never pushes that back down."""
+    with torch.no_grad():
+        for layer, idx in rows.items():
+            q_proj = model.model.layers[layer].self_attn.q_proj
+            q_proj.weight[idx.to(q_proj.weight.device)] = 0
+            if q_proj.bias is not None:
+                q_proj.bias[idx.to(q_proj.bias.device)] = 0
 
 
 def _truncate_log(path: str, step: int) -> None:
