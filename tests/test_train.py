@@ -185,6 +185,10 @@ def test_clear_errors(tmp_path):
     (tmp_path / "text.jsonl").write_text(json.dumps({"text": "hello"}) + "\n")
     with pytest.raises(DataError, match="no tokenizer"):
         retrofit(model, **_options(tmp_path, data=[str(tmp_path / "text.jsonl")]))
+    folder = tmp_path / "no_tokenizer"
+    model.save_pretrained(folder)
+    with pytest.raises(DataError, match="no tokenizer"):
+        retrofit(str(folder), **_options(tmp_path, data=[str(tmp_path / "text.jsonl")]))
     with pytest.raises(ValueError, match="seq_len 128 is longer than the model supports"):
         retrofit(model, **_options(tmp_path, seq_len=128))
     with pytest.raises(ValueError, match="target_cr"):

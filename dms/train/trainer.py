@@ -33,6 +33,7 @@ from dms.train.loss import compression_loss, compression_ratio_at, evicted_fract
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def load_base_model(model, dtype: str = "float32"):
@@ -48,10 +49,9 @@ def load_base_model(model, dtype: str = "float32"):
         _check_arch(config)
         model_path = model
         model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        try:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(model_path)
-        except (OSError, ValueError, TypeError):
-            tokenizer = None  # no tokenizer files: only "input_ids" data can be used
+        # transformers builds an empty tokenizer for a folder without tokenizer files: look first.
+        has_tokenizer = any(os.path.isfile(os.path.join(model_path, f)) for f in TOKENIZER_FILES)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_path) if has_tokenizer else None
     _check_arch(model.config)
     return model, tokenizer
 
