@@ -18,7 +18,7 @@ except ImportError:
 
 
 # Mask elements (sequences * query heads * query rows * keys) of one prefill step.
-_SCORE_BUDGET = 1 << 24
+_MASK_BUDGET = 1 << 24
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
@@ -82,7 +82,7 @@ def prefill_attention(q, k, v, decisions, valid, view, window: int, scale: float
         key_idx = torch.cat([torch.full_like(old_last, -1), q_idx], dim=1)
     n_old = ks.shape[1] - T
     # Queries per step: at most ``chunk``, and few enough that the mask stays in budget.
-    chunk = max(1, min(chunk, _SCORE_BUDGET // (S * qs.shape[1] * ks.shape[1])))
+    chunk = max(1, min(chunk, _MASK_BUDGET // (S * qs.shape[1] * ks.shape[1])))
     out = torch.empty(S, qs.shape[1], T, D, dtype=torch.float32, device=q.device)
     ks, vs = ks[:, None], vs[:, None]  # one KV head per sequence, G query heads (enable_gqa)
     for a in range(0, T, chunk):
