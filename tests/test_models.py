@@ -151,3 +151,17 @@ def test_plain_cache_rejected_in_infer_and_train(arch):
         model(input_ids=ids, past_key_values=dms.DMSCache(model))
     set_mode(model, "off")  # "off" is the vanilla model: any cache works
     assert model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits.shape == (1, 5, 128)
+
+
+def test_prefill_mask_budget_splits_queries(arch, monkeypatch):
+    """A tiny mask budget forces one query row per step: same logits as one step."""
+    import dms.attention.infer as infer
+
+    model = forced_dms_model(arch, "adapter")
+    ids, mask = left_padded([6, 11], seed=8)
+    with torch.no_grad():
+        whole = model(input_ids=ids, attention_mask=mask, past_key_values=dms.DMSCache(model)).logits
+        monkeypatch.setattr(infer, "_MASK_BUDGET", 1)
+        rows = model(input_ids=ids, attention_mask=mask, past_key_values=dms.DMSCache(model)).logits
+    real = mask.bool()
+    torch.testing.assert_close(rows[real], whole[real], atol=1e-5, rtol=0)

@@ -117,7 +117,8 @@ def _fmt(r: dict) -> str:
     return (f"context {r['context']:>6}: DynamicCache {r['dynamic_tok_s']:7.1f} tok/s "
             f"{r['dynamic_kv_bytes'] / mib:6.1f} MiB | StaticCache {r['static_tok_s']:7.1f} tok/s | "
             f"DMSCache {r['dms_tok_s']:7.1f} tok/s {r['dms_kv_bytes'] / mib:6.1f} MiB (CR {r['compression']:.2f}) | "
-            f"speed-up {r['speedup']:.2f}x (vs static {r['speedup_static']:.2f}x), KV bytes ratio {r['bytes_ratio']:.2f}x")
+            f"speed-up {r['speedup']:.2f}x (vs static {r['speedup_static']:.2f}x), "
+            f"KV bytes ratio {r['bytes_ratio']:.2f}x")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -35,7 +35,8 @@ def check_supported(config) -> None:
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED:
         raise ValueError(f"DMS does not support architecture {model_type!r} "
-                         f"({', '.join(getattr(config, 'architectures', None) or [])}); supported: {', '.join(SUPPORTED)}")
+                         f"({', '.join(getattr(config, 'architectures', None) or [])}); "
+                         f"supported: {', '.join(SUPPORTED)}")
 
 
 def _decoder_layers(model):
@@ -80,8 +81,9 @@ def dms_model_class(base: type) -> type:
             mode = self._dms_runtime.mode
             if mode == "train":
                 use_cache = False
-            elif mode == "infer" and past_key_values is None and (self.config.use_cache if use_cache is None else use_cache):
-                past_key_values = DMSCache(self)
+            elif mode == "infer" and past_key_values is None and \
+                    (self.config.use_cache if use_cache is None else use_cache):
+                past_key_values = DMSCache(self)  # what the base model does with a DynamicCache
             return base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids, past_key_values=past_key_values,
                                 inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
@@ -122,7 +124,8 @@ def install(model, dms_config: DMSConfig) -> None:
                          "eviction; load the model with sliding_window=None")
     n_kv = cfg.num_key_value_heads
     if cfg.num_attention_heads % n_kv:
-        raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of num_key_value_heads={n_kv}")
+        raise ValueError(f"num_attention_heads={cfg.num_attention_heads} is not a multiple of "
+                         f"num_key_value_heads={n_kv}")
     dms_config.to_model_config(cfg)
     runtime = DMSRuntime(dms_config)
     param = next(model.parameters())
