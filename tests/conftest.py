@@ -48,8 +48,10 @@ def dense_oracle(monkeypatch):
     monkeypatch.setattr(layer, "visibility_mask", reference.visibility_mask)
 
     def run(model, ids, mask=None):
+        # Positions as generate() derives them: pads (also in the middle, multi-turn) take none.
+        pos = None if mask is None else (mask.long().cumsum(-1) - 1).clamp_min(0)
         with torch.no_grad():
-            return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            return model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
     return run
 

@@ -44,13 +44,13 @@ def test_multi_turn_appends_to_compressed_cache(arch, dense_oracle):
     ids, mask = left_padded([7, 11], seed=2)
     seqs, _, cache = _generate(model, ids, mask, 6)
     ratio_before = cache.compression_ratio()
-    turn2, _ = left_padded([5, 5], seed=3)
+    turn2, turn2_mask = left_padded([5, 3], seed=3)  # row 1: pads in the middle of its history
     ids2 = torch.cat([seqs, turn2], 1)
-    mask2 = torch.cat([mask, torch.ones(2, 6 + 5, dtype=mask.dtype)], 1)
+    mask2 = torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype), turn2_mask], 1)
     seqs2, logits2, cache = _generate(model, ids2, mask2, 6, cache=cache)
     assert ratio_before > 1.0
-    # fed per row: prompt + 5 generated, then 1 + 5 + 5 (last token of turn 1, turn 2, its outputs)
-    assert cache.stats()["seen"] == 2 * 2 * (7 + 11 + 2 * (5 + 11))
+    # fed per row: prompt + 5 generated, then 1 + turn 2 + 5 (last token of turn 1, turn 2, its outputs)
+    assert cache.stats()["seen"] == 2 * 2 * (7 + 11 + 2 * (5 + 1 + 5) + 5 + 3)
     _assert_steps_match_dense(dense_oracle, model, seqs2, mask2, logits2)
 
 
