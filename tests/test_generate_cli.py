@@ -31,3 +31,14 @@ def test_generate_streams_and_reports(tmp_path, capsys):
     assert "compression ratio" in err and "MiB uncompressed" in err
     ratio = float(err.split("compression ratio ")[1].split("x")[0])
     assert ratio > 1.0
+
+
+def test_bench_smoke(capsys):
+    """``dms bench --quick`` runs end to end (figures are for BENCHMARKS.md, not asserted here
+    beyond what the forced decisions guarantee)."""
+    assert main(["bench", "--quick", "--threads", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("context")]
+    assert len(lines) == 2
+    for line in lines:
+        ratio = float(line.split("(CR ")[1].split(")")[0])
+        assert 7.0 < ratio < 9.0
