@@ -36,7 +36,7 @@ def test_generate_streams_and_reports(tmp_path, capsys):
 def test_bench_smoke(capsys):
     """``dms bench --quick`` runs end to end (figures are for BENCHMARKS.md, not asserted here
     beyond what the forced decisions guarantee)."""
-    assert main(["bench", "--quick", "--threads", "1"]) == 0
+    assert main(["bench", "--quick"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("context")]
     assert len(lines) == 2
     for line in lines:
