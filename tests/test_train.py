@@ -95,6 +95,12 @@ def test_adapter_only_leaves_base_bit_identical(tmp_path):
         else:
             assert torch.equal(p, before[n]), n
     assert changed_adapter
+    import dms
+
+    loaded = dms.from_pretrained(str(tmp_path / "out"))  # the published format round trip
+    reloaded = dict(loaded.named_parameters())
+    for n, p in trained.named_parameters():
+        assert torch.equal(reloaded[n], p), n
 
 
 def test_neuron_variant_trains_only_borrowed_rows_and_teacher_stays_exact(tmp_path):

@@ -130,10 +130,11 @@ def test_chunked_equals_unchunked(chunk):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
 
 
-def test_flex_forward_equals_chunked():
+@pytest.mark.parametrize("padded", [False, True])
+def test_flex_forward_equals_chunked(padded):
     """The CUDA path's score_mod / mask_mod, run eagerly (CPU FlexAttention has no backward)."""
     q, k, v, logits = _inputs()
-    pm = _left_padding()
+    pm = _left_padding() if padded else None
     outs = [train_attention(q, k, v, logits, window=W, tau=0.3, scale=D ** -0.5, padding_mask=pm,
                             generator=torch.Generator().manual_seed(9), backend=b)[0] for b in ("chunked", "flex")]
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)

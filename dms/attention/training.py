@@ -23,6 +23,8 @@ eagerly on CPU in the tests (no GPU on the development machine).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -96,16 +98,28 @@ def _chunked_attention(q, k, v, log_keep, padding_mask, window, scale, chunk):
     return torch.cat(outs, dim=3).view(B, Hq, T, D)
 
 
-_compiled_flex = None
+_compiled_flex = {}
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return kv_idx <= q_idx
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(T: int, device: torch.device):
+    """Shared by every layer (and step) of the same length: building it is not free."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_causal, None, None, T, T, device=device)
 
 
 def _flex_attention(q, k, v, log_keep, window, scale, padding_mask):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    global _compiled_flex
-    if _compiled_flex is None:
-        # Eager flex_attention materialises every score; compiled it is the fused kernel.
-        _compiled_flex = flex_attention if q.device.type == "cpu" else torch.compile(flex_attention)
+    if q.device.type not in _compiled_flex:
+        # Eager flex_attention materialises every score (the CPU test path); compiled it is the
+        # fused kernel.
+        _compiled_flex[q.device.type] = flex_attention if q.device.type == "cpu" else torch.compile(flex_attention)
     B, Hq, T, _ = q.shape
     G = Hq // k.shape[1]
     key_log_keep = F.pad(log_keep[..., 1:], (0, 1))
@@ -114,16 +128,16 @@ def _flex_attention(q, k, v, log_keep, window, scale, padding_mask):
         return torch.where(q_idx - kv_idx > window, score + key_log_keep[b, h // G, kv_idx], score)
 
     if padding_mask is None:
-        def mask_mod(b, h, q_idx, kv_idx):
-            return kv_idx <= q_idx
+        block_mask = _causal_block_mask(T, q.device)
     else:
         real = padding_mask.bool()
 
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (real[b, kv_idx] | (kv_idx == q_idx))
 
-    block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
-    return _compiled_flex(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=True)
+        block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+    return _compiled_flex[q.device.type](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                                         enable_gqa=True)
 
 
 def train_attention(q, k, v, logits, *, window: int, tau: float, scale: float,

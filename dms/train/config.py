@@ -36,9 +36,9 @@ class TrainConfig:
     kl_chunk_tokens: int = 256  # rows of the [tokens, vocab] logit matrix alive at once
     attention_chunk: int | None = None  # query rows per chunk of the CPU training attention
     activation_checkpointing: bool = False
-    dtype: str = "float32"
+    dtype: str = "float32"  # used when loading a model folder; a model object keeps its dtype
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
-    seed: int = 0
+    seed: int = 0  # data order; the eviction noise uses torch's global RNG seeded with seed + rank
     save_every: int = 0  # 0 = only the final model
     log_every: int = 1
     resume_from: str | None = None  # a checkpoint-* directory written by an earlier run

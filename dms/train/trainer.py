@@ -388,8 +388,9 @@ def _truncate_log(path: str, step: int) -> None:
 
 def retrofit(model, config: TrainConfig | None = None, **options):
     """Train ``model`` (a model folder or a transformers Llama/Qwen2/Qwen3/Mistral model) into
-    a DMS model; options are ``TrainConfig`` fields. Returns the trained model (eval mode) and
-    writes it, with checkpoints and ``train_log.jsonl``, to ``output_dir``."""
+    a DMS model; options are ``TrainConfig`` fields. A model object is converted in place. Returns
+    the trained model (eval and "infer" mode) and writes it, with checkpoints and
+    ``train_log.jsonl``, to ``output_dir``. Under torchrun every process calls this."""
     if config is not None and options:
         raise TypeError("give either config or keyword options, not both")
     cfg = config or TrainConfig(**options)
