@@ -139,13 +139,15 @@ def test_missing_extra_and_misshaped_dms_weights(tmp_path):
         dms.from_pretrained(str(tmp_path / "a"))
 
 
-def test_plain_cache_rejected_in_infer_and_train(arch):
+def test_wrong_cache_rejected(arch):
     from transformers import DynamicCache
 
     model = forced_dms_model(arch)
     ids = torch.randint(3, 128, (1, 5))
     with pytest.raises(TypeError, match="needs a dms.DMSCache, got a DynamicCache"):
         model(input_ids=ids, past_key_values=DynamicCache(config=model.config))
+    with pytest.raises(ValueError, match="built for window 7"):
+        model(input_ids=ids, past_key_values=dms.DMSCache(window=7, num_layers=2))
     set_mode(model, "train")
     with pytest.raises(ValueError, match="use_cache=False"):
         model(input_ids=ids, past_key_values=dms.DMSCache(model))

@@ -117,6 +117,9 @@ def _cached(module, q, k, v, decisions, padding, cache: DMSCache, window: int):
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     S = B * Hkv
+    if cache.window != window:
+        raise ValueError(f"this DMSCache was built for window {cache.window}, the model uses dms_window_size={window}; "
+                         "create it with DMSCache(model)")
     layer = cache.layers[module.layer_idx]
     ks, vs, ds = k.reshape(S, T, D), v.reshape(S, T, D), decisions.reshape(S, T)
     valid = None if padding is None else padding[:, None, :].expand(B, Hkv, T).reshape(S, T)
