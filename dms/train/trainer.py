@@ -7,6 +7,10 @@ q_proj rows start at zero (no eviction at step 0, like the zero-initialised adap
 frozen base only those rows train (gradient masking) and the teacher runs with their original
 values swapped in, so it stays exactly the plain model.
 
+Loss per micro-batch: KL(student || teacher) averaged over real positions other than EOS (after
+an EOS comes an unrelated packed document), + compression_weight * max(0, target - evicted
+fraction), the fraction over every layer, KV head and decision that has a target token.
+
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
 checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
 recomputed noise matches. Checkpoints hold the model in the published format plus
@@ -114,12 +118,12 @@ class _Student(nn.Module):
         self.model = model
         self.kl_chunk_tokens = kl_chunk_tokens
 
-    def forward(self, ids, attention_mask, position_ids, real, teacher_h, teacher_head):
+    def forward(self, ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head):
         from dms.models import last_decisions
 
         h = self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
-        kl = kl_student_teacher(h, teacher_h, self.model.lm_head, teacher_head, real, self.kl_chunk_tokens)
+        kl = kl_student_teacher(h, teacher_h, self.model.lm_head, teacher_head, kl_mask, self.kl_chunk_tokens)
         fraction = evicted_fraction(last_decisions(self.model), decision_mask(real, *real.shape))
         return kl, fraction
 
@@ -154,6 +158,7 @@ class Trainer:
             raise ValueError(f"seq_len {cfg.seq_len} is longer than the model supports (max_position_embeddings = {max_pos})")
         eos = base.config.eos_token_id
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+        self.eos = eos
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else (eos or 0)
         ids, real = pack(read_documents(cfg.data, self.tokenizer), cfg.seq_len, eos, pad)
         self.stream = SampleStream(ids, real, cfg.seed)
@@ -246,9 +251,11 @@ class Trainer:
             attention_mask = real.long() if padded else None
             position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
             teacher_h = self.teacher_hidden(ids, attention_mask, position_ids)
+            # What follows an EOS is the start of an unrelated packed document: not distilled.
+            kl_mask = real if self.eos is None else real & (ids != self.eos)
             sync = m == cfg.grad_accum - 1 or not isinstance(self.student, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.student.no_sync():
-                kl, fraction = self.student(ids, attention_mask, position_ids, real, teacher_h, teacher_head)
+                kl, fraction = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head)
                 comp = compression_loss(fraction, target_frac)
                 ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
             sums += torch.tensor([kl.item(), comp.item(), fraction.item(), float(real.sum())], dtype=torch.float64)
