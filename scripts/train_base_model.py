@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dms.tasks import TASKS, generate, min_length, score
+from dms.tasks import AUXILIARY, TASKS, generate, min_length, score
 from dms.tasks.tokenizer import BOS, EOS, PAD, build_tokenizer, save_tokenizer
 
 DEFAULT_MIX = "niah_single=1,niah_multikey=1,niah_multivalue=1,niah_multiquery=1,vt=1,cwe=1,arith_trace=1"
@@ -69,8 +69,8 @@ def parse_mix(text: str) -> dict[str, float]:
     mix = {}
     for part in text.split(","):
         name, _, w = part.partition("=")
-        if name not in TASKS:
-            raise SystemExit(f"--mix: unknown task {name!r}; expected names from {sorted(TASKS)}")
+        if name not in TASKS and name not in AUXILIARY:
+            raise SystemExit(f"--mix: unknown task {name!r}; expected names from {sorted(TASKS) + sorted(AUXILIARY)}")
         mix[name] = float(w or 1)
     return mix
 
@@ -151,7 +151,8 @@ EVAL_SEED = 10 ** 9  # evaluation samples use seeds the training stream practica
 
 @torch.no_grad()
 def evaluate(model, data: Data, args) -> dict[str, float]:
-    """Teacher-forced exact match per task@length (== greedy decoding reproduces the target)."""
+    """Teacher-forced exact match per task@length (== greedy decoding reproduces the target),
+    and per-token accuracy on the target (task@length:tok), which moves before exact match."""
     model.eval()
     out = {}
     for length in (int(x) for x in args.eval_lengths.split(",")):
@@ -161,8 +162,9 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
             samples = [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
             ids, _, target = data.encode(samples)
             pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
-            ok = ((pred == ids[:, 1:]) | ~target[:, 1:]).all(dim=1)
-            out[f"{task}@{length}"] = round(ok.float().mean().item(), 3)
+            hit, t = pred == ids[:, 1:], target[:, 1:]
+            out[f"{task}@{length}"] = round((hit | ~t).all(dim=1).float().mean().item(), 3)
+            out[f"{task}@{length}:tok"] = round(hit[t].float().mean().item(), 3)
     model.train()
     return out
 
@@ -263,7 +265,8 @@ def main(argv=None) -> None:
             acc = evaluate(model, data, args)
             log.write(json.dumps({"step": step, "eval": acc, "time": round(time.time())}) + "\n")
             log.flush()
-            print(f"eval step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items()), flush=True)
+            print(f"eval step {step}: " + " ".join(f"{k} {v:.2f}" for k, v in acc.items() if ":" not in k)
+                  + " | token acc " + " ".join(f"{v:.2f}" for k, v in acc.items() if ":" in k), flush=True)
             save_model(model, out / "model")
             t_log = time.time()
         if time.time() - t_last_ckpt > 60 * args.ckpt_minutes or step == stop:

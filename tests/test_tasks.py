@@ -121,3 +121,13 @@ def test_tokenizer_round_trip(tmp_path):
         assert ids[0] == tok.bos_token_id and tok.unk_token_id not in ids
         assert len(tok(s.prompt).input_ids) == 151
         assert normalize(tok.decode(ids, skip_special_tokens=True)) == normalize(s.prompt + " " + s.target)
+
+
+def test_copy_list_is_auxiliary_training_data():
+    from dms.tasks import AUXILIARY
+
+    assert "copy_list" in AUXILIARY and "copy_list" not in TASKS
+    s = generate("copy_list", 40, 0)
+    assert count_tokens(s.prompt) == 40
+    assert s.prompt.split(" : ")[1].removesuffix(" . repeat the list") == s.target
+    assert score("copy_list", s.target, s) == 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from dms.tasks.generators import (LengthTooSmall, Sample, arith_trace, count_tokens, cwe, niah_multikey,
+from dms.tasks.generators import (LengthTooSmall, Sample, arith_trace, copy_list, count_tokens, cwe, niah_multikey,
                                   niah_multiquery, niah_multivalue, niah_single, vt)
 
 TASKS: dict[str, Callable[..., Sample]] = {
@@ -23,11 +23,15 @@ TASKS: dict[str, Callable[..., Sample]] = {
     "arith_trace": arith_trace,
 }
 
+# Training-only data: generated and scored like a task, but not part of the benchmark.
+AUXILIARY: dict[str, Callable[..., Sample]] = {"copy_list": copy_list}
+
 
 def generate(task: str, length: int, seed: int, **options) -> Sample:
-    if task not in TASKS:
-        raise KeyError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
-    return TASKS[task](length, seed, **options)
+    gen = TASKS.get(task) or AUXILIARY.get(task)
+    if gen is None:
+        raise KeyError(f"unknown task {task!r}; expected one of {sorted(TASKS) + sorted(AUXILIARY)}")
+    return gen(length, seed, **options)
 
 
 def min_length(task: str, **options) -> int:
@@ -55,4 +59,4 @@ def score(task: str, generation: str, sample: Sample) -> float:
     return hits / len(sample.answers)
 
 
-__all__ = ["TASKS", "Sample", "LengthTooSmall", "generate", "min_length", "score", "normalize", "count_tokens"]
+__all__ = ["TASKS", "AUXILIARY", "Sample", "LengthTooSmall", "generate", "min_length", "score", "normalize", "count_tokens"]

@@ -241,3 +241,16 @@ def arith_trace(length: int, seed: int, terms: int = 4) -> Sample:
     steps.append(f"result is {total}")
     answers = (f"result is {total}",)
     return Sample("arith_trace", length, seed, prompt, " ; ".join(steps), answers)
+
+
+def copy_list(length: int, seed: int) -> Sample:
+    """Repeat a list of random key words. Not a benchmark task (no eviction can help it): it is
+    training data that makes every answer token an in-context copy, which is what grows the
+    induction heads the retrieval tasks need."""
+    rng = random.Random(f"copy_list:{length}:{seed}")
+    header, question = ["list", ":"], [".", "repeat", "the", "list", ":"]
+    n = length - len(header) - len(question)
+    if n < 1:
+        raise LengthTooSmall("copy_list", length, len(header) + len(question) + 1)
+    items = [rng.choice(KEYS) for _ in range(n)]
+    return Sample("copy_list", length, seed, " ".join(header + items + question), " ".join(items), (" ".join(items),))

@@ -1,5 +1,6 @@
 """Word lists of the synthetic tasks. The tokenizer's vocabulary is exactly these words plus
-single digits and punctuation, so every prompt tokenizes without unknowns.
+single digits and punctuation, so every prompt tokenizes without unknowns. Token ids follow
+the order here: a trained model depends on it, so never reorder or insert (append only).
 
 Needle keys and filler words are disjoint: a needle is never confused with haystack text.
 """
@@ -36,7 +37,7 @@ FILLER_PLACES = tuple("near under behind beside".split())
 TEMPLATE_WORDS = tuple("""
 the a some special magic number numbers for is are what all hidden in text memorize them
 question answer var variables which equal to value values of compute modulo result list words
-most common find
+most common find repeat
 """.split())
 
 
