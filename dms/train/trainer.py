@@ -301,6 +301,9 @@ class Trainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from {directory!r} has no {STATE_FILE} (not a checkpoint of this trainer)")
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if state["world_size"] != self.world:
+            raise ValueError(f"resume_from {directory!r} was written by {state['world_size']} processes, "
+                             f"this run has {self.world}: an identical continuation needs the same number")
         for key in ("train_mode", "variant", "window", "seed"):
             if state["config"][key] != getattr(self.cfg, key):
                 raise ValueError(f"resume_from {directory!r} was trained with {key}={state['config'][key]!r}, "
@@ -317,9 +320,6 @@ class Trainer:
         if self.neuron is not None:
             self.neuron.load_state(state["neuron_rows"])
         self.step, self.samples = state["step"], state["samples"]
-        if state["world_size"] != self.world:
-            raise ValueError(f"resume_from {directory!r} was written by {state['world_size']} processes, "
-                             f"this run has {self.world}: an identical continuation needs the same number")
         rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_path):
             raise FileNotFoundError(f"resume_from {directory!r} lacks rng_rank{self.rank}.pt (incomplete checkpoint)")
