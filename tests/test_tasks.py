@@ -129,5 +129,5 @@ def test_copy_list_is_auxiliary_training_data():
     assert "copy_list" in AUXILIARY and "copy_list" not in TASKS
     s = generate("copy_list", 40, 0)
     assert count_tokens(s.prompt) == 40
-    assert s.prompt.split(" : ")[1].removesuffix(" . repeat the list") == s.target
+    assert s.prompt == f"list : {s.target} . repeat the list :"
     assert score("copy_list", s.target, s) == 1.0
