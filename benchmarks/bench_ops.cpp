@@ -1,0 +1,99 @@
+// CPU benchmarks of the dms ops, each next to its yardstick measured in the same run:
+//  (a) compact of [64 seqs, 8192 tokens, 128 dims] bf16 at 50% keep vs a plain memcpy of the
+//      kept bytes (bandwidth = bytes read + written per second);
+//  (b) append of one decode step (T = 1, 64 sequences) vs one paged_decode_attention step over
+//      8K tokens per sequence (bf16, G = 4 query heads per sequence, D = 128).
+// Usage: bench_ops [repeats]   (threads: at::get_num_threads(), set OMP_NUM_THREADS to change)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+using T = const at::Tensor&;
+using Packed = std::tuple<at::Tensor, at::Tensor, c10::SymInt>;
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// Median wall time of fn over `repeats` runs, after one warm-up run.
+template <typename F>
+double median_seconds(int repeats, F&& fn) {
+  fn();
+  std::vector<double> times;
+  for (int i = 0; i < repeats; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    fn();
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+void bench_compact(int repeats) {
+  const auto compact = op<Packed(T, T)>("dms::compact");
+  const int64_t S = 64, L = 8192, D = 128;
+  const auto x = at::randn({S, L, D}).to(at::kBFloat16);
+  const auto keep = at::rand({S, L}) < 0.5;
+  const int64_t bytes = keep.sum().item<int64_t>() * D * x.element_size();
+  const double t_compact = median_seconds(repeats, [&] { compact.call(x, keep); });
+  std::vector<char> src(bytes), dst(bytes);
+  std::memset(src.data(), 1, bytes);
+  const double t_memcpy = median_seconds(repeats, [&] { std::memcpy(dst.data(), src.data(), bytes); });
+  const double gb_compact = 2.0 * bytes / t_compact / 1e9, gb_memcpy = 2.0 * bytes / t_memcpy / 1e9;
+  std::printf("compact [%lld, %lld, %lld] bf16, 50%% keep (%.1f MB kept): %.2f ms, %.2f GB/s | memcpy of the kept "
+              "bytes: %.2f ms, %.2f GB/s | ratio %.2fx memcpy\n",
+              (long long)S, (long long)L, (long long)D, bytes / 1e6, t_compact * 1e3, gb_compact, t_memcpy * 1e3,
+              gb_memcpy, gb_compact / gb_memcpy);
+}
+
+void bench_decode_step(int repeats) {
+  const auto append = op<void(T, T, T, T, T, T, T, T, T, T, T, T, const std::optional<at::Tensor>&)>("dms::append");
+  const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
+  const int64_t S = 64, L = 8192, G = 4, D = 128, page_size = 16, window = 256;
+  const int64_t max_pages = L / page_size + 64, P = S * max_pages;
+  const auto bf16 = at::TensorOptions().dtype(at::kBFloat16);
+  auto k_pages = at::zeros({P, page_size, D}, bf16), v_pages = at::zeros({P, page_size, D}, bf16);
+  auto block_table = at::full({S, max_pages}, -1, at::kInt);
+  auto seq_lens = at::zeros({S}, at::kInt), num_seen = at::zeros({S}, at::kInt);
+  auto ring_slots = at::zeros({S, window + 1}, at::kInt);
+  auto ring_flags = at::zeros({S, window + 1}, at::kBool);
+  auto free_pages = at::arange(P, at::kInt), free_top = at::full({1}, P, at::kInt);
+  auto feed = [&](const at::Tensor& k, const at::Tensor& decisions) {
+    append.call(k_pages, v_pages, block_table, seq_lens, num_seen, ring_slots, ring_flags, free_pages, free_top, k,
+                k, decisions, std::nullopt);
+  };
+  feed(at::randn({S, L, D}).to(at::kBFloat16), at::zeros({S, L}, at::kBool));  // 8K live tokens each
+  const auto k1 = at::randn({S, 1, D}).to(at::kBFloat16);
+  const auto d1 = at::rand({S, 1}) < 0.5;  // about half the steps reuse an evicted slot
+  const double t_append = median_seconds(repeats * 20, [&] { feed(k1, d1); });
+  const auto q = at::randn({S, G, D}).to(at::kBFloat16);
+  const double t_attn = median_seconds(repeats, [&] {
+    attention.call(q, k_pages, v_pages, block_table, seq_lens, 1.0 / std::sqrt(double(D)));
+  });
+  std::printf("decode step, %lld seqs x %lld tokens, bf16, G=%lld, D=%lld, page_size=%lld: append(T=1) %.1f us | "
+              "paged_decode_attention %.2f ms | append/attention = %.2f%%\n",
+              (long long)S, (long long)L, (long long)G, (long long)D, (long long)page_size, t_append * 1e6,
+              t_attn * 1e3, 100.0 * t_append / t_attn);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int repeats = argc > 1 ? std::atoi(argv[1]) : 11;
+  at::manual_seed(0);
+  std::printf("threads: %d, repeats: %d (median)\n", at::get_num_threads(), repeats);
+  bench_compact(repeats);
+  bench_decode_step(repeats);
+  return 0;
+}
