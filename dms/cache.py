@@ -132,7 +132,7 @@ class DMSLayer(CacheLayerMixin):
 
     @staticmethod
     def _regrow(pages: torch.Tensor, n: int) -> torch.Tensor:
-        grown = pages.new_empty((n, *pages.shape[1:]))  # new pages are only read once written
+        grown = pages.new_empty((n, *pages.shape[1:]))  # only live slots are ever read as they are
         grown[: pages.shape[0]] = pages
         return grown
 
@@ -176,8 +176,10 @@ class DMSLayer(CacheLayerMixin):
         slot = torch.arange(L, device=self.device)
         live = slot[None, :] < lens[:, None]
         page = self.block_table[:, slot // ps].long().clamp_min(0) if L else self.block_table[:, :0].long()
-        keys = self.k_pages[page, slot % ps]  # [S, L, D]
-        values = self.v_pages[page, slot % ps]
+        # Slots past a sequence's length hold stale or uninitialised memory (possibly NaN, which
+        # a mask cannot cancel in q.k or p.v): zero them.
+        keys = self.k_pages[page, slot % ps].masked_fill_(~live[..., None], 0)  # [S, L, D]
+        values = self.v_pages[page, slot % ps].masked_fill_(~live[..., None], 0)
         big = torch.iinfo(torch.int64).max
         last = torch.full((S, L), big, dtype=torch.int64, device=self.device)
         last.masked_fill_(~live, -1)

@@ -167,3 +167,30 @@ def test_prefill_mask_budget_splits_queries(arch, monkeypatch):
         rows = model(input_ids=ids, attention_mask=mask, past_key_values=dms.DMSCache(model)).logits
     real = mask.bool()
     torch.testing.assert_close(rows[real], whole[real], atol=1e-5, rtol=0)
+
+
+def test_unwritten_pool_memory_never_read(monkeypatch):
+    """Pool pages are allocated uninitialised; fill them with NaN: nothing may change."""
+    from dms.cache import DMSLayer
+
+    regrow = DMSLayer._regrow
+
+    def poisoned(pages, n):
+        grown = regrow(pages, n)
+        grown[pages.shape[0]:] = float("nan")
+        return grown
+
+    model = forced_dms_model("qwen3", "neuron")
+    ids, mask = left_padded([13, 20], seed=7)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        clean = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                      past_key_values=dms.DMSCache(model)).logits
+        monkeypatch.setattr(DMSLayer, "_regrow", staticmethod(poisoned))
+        cache = dms.DMSCache(model, page_size=4)
+        first = model(input_ids=ids[:, :9], attention_mask=mask[:, :9], position_ids=pos[:, :9],
+                      past_key_values=cache).logits
+        rest = model(input_ids=ids[:, 9:], attention_mask=mask, position_ids=pos[:, 9:],
+                     past_key_values=cache).logits
+    real = mask.bool()
+    torch.testing.assert_close(torch.cat([first, rest], 1)[real], clean[real], atol=1e-4, rtol=0)
