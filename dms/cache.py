@@ -239,6 +239,9 @@ class DMSCache(Cache):
                  page_size: int = 16, max_pages: int | None = None, prefill_chunk: int = 512):
         if model is not None:
             config = model.config
+            if window is None and getattr(config, "dms_window_size", None) is None:
+                raise ValueError(f"{type(model).__name__} is not a DMS model (no dms_window_size in its config); "
+                                 "use dms.apply or dms.from_pretrained first")
             window = config.dms_window_size if window is None else window
             num_layers = config.num_hidden_layers if num_layers is None else num_layers
         if window is None or num_layers is None:

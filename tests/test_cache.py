@@ -103,4 +103,8 @@ def test_stats_and_errors():
         DMSCache(window=1, num_layers=1, max_pages=0)
     with pytest.raises(ValueError, match="window= and num_layers="):
         DMSCache()
+    from dms.models.tiny import tiny_model
+
+    with pytest.raises(ValueError, match="is not a DMS model"):
+        DMSCache(tiny_model("llama"))
     assert dms.DMSCache is DMSCache
