@@ -216,6 +216,16 @@ class DMSLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("DMSCache does not support beam search (pages are per sequence, not per beam)")
 
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("DMSCache cannot be cropped (evicted tokens are gone), so assisted decoding "
+                                  "is not supported")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("DMSCache cannot repeat batch rows of a filled cache (contrastive search)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("DMSCache cannot select batch rows of a filled cache")
+
     def stats(self) -> dict:
         if not self.is_initialized:
             return dict(seen=torch.zeros(0), retained=torch.zeros(0), bytes=0)
