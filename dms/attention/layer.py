@@ -88,6 +88,11 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
         out = _cached(module, q, k, v, decisions, padding, past_key_values, cfg.window)
         if mode == "infer":
             runtime.last_decisions[module.layer_idx] = decisions.float()
+    elif hasattr(past_key_values, "policy_attend"):  # eviction baselines (dms.baselines.PolicyCache)
+        if mode != "off":
+            raise ValueError("an eviction-policy cache runs the plain model's attention: call "
+                             "dms.models.set_mode(model, 'off') first")
+        out = past_key_values.policy_attend(module.layer_idx, q, k, v, padding, module.scaling)
     elif mode == "infer":
         if past_key_values is not None:
             raise TypeError(
