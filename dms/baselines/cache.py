@@ -1,0 +1,210 @@
+"""A KV cache that evicts with a fixed policy (StreamingLLM, H2O, TOVA) at a token budget per
+KV head, on the paged store of the DMS cache (DESIGN.md §2).
+
+``PolicyLayer`` subclasses ``dms.cache.DMSLayer``: tokens are written by the same
+``torch.ops.dms.append`` (decisions all 0, so nothing is evicted by the op) through the same
+page allocator. After each forward the policy picks the slots to keep, and the kept tokens
+that sit past the new length move into the freed slots (plain indexing), so slots
+``0 .. seq_lens-1`` stay the live ones as the ops require; pages past the new length go back
+to the free list.
+
+Protocol of one forward (prefill chunk or decode step): the new tokens are appended, their
+queries attend every retained token plus the chunk itself (causally), then the cache is cut
+back to ``budget``. So the budget bounds the tokens kept *between* forwards; a decode step
+attends ``budget + 1`` tokens, and a prefill chunk of ``T`` tokens attends up to
+``budget + T`` (feed the prompt in pieces with generate's ``prefill_chunk_size`` to evict
+during the prompt too).
+
+The model runs with the vanilla attention math: a DMS model in mode "off" hands attention to
+``PolicyCache.policy_attend`` (see dms.attention.layer).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.cache_utils import Cache
+
+from dms._ops import ops
+from dms.baselines.policies import POLICIES, h2o_keep, streaming_keep, tova_keep
+from dms.cache import DMSCache, DMSLayer
+
+# Elements of one [S, G, queries, keys] score block (queries are processed in pieces below it).
+_SCORE_BUDGET = 1 << 24
+
+
+class PolicyLayer(DMSLayer):
+    """One decoder layer's paged store plus per-slot token positions and policy scores."""
+
+    def __init__(self, policy: str, budget: int, page_size: int = 16, sinks: int = 4, recent: int | None = None):
+        super().__init__(window=0, page_size=page_size)  # window 0 + decisions 0: the op never reuses a slot
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+            raise ValueError(f"budget must be an int >= 1 (tokens kept per KV head), got {budget!r}")
+        if policy == "streaming" and not 0 <= sinks < budget:
+            raise ValueError(f"streaming: sinks must be in [0, budget); got sinks={sinks}, budget={budget}")
+        self.policy, self.budget, self.sinks = policy, budget, sinks
+        self.recent = budget // 2 if recent is None else recent  # H2O's default: half recent, half heavy
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        super().lazy_initialization(key_states, value_states)
+        S = self.num_seqs
+        self.positions = torch.zeros(S, 0, dtype=torch.int64, device=self.device)
+        self.scores = torch.zeros(S, 0, dtype=torch.float32, device=self.device)
+
+    # -- one forward ---------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """q [S, G, T, D]; k, v [S, T, D] post-RoPE; valid bool [S, T] or None -> out [S, G, T, D]
+        (zeros for pad queries)."""
+        S, G, T, D = q.shape
+        ok = torch.ones(S, T, dtype=torch.bool, device=q.device) if valid is None else valid
+        if not self.is_initialized:
+            self.lazy_initialization(k, v)
+        old_len, old_seen = self.seq_lens.long(), self.num_seen.long()
+        self.append(k, v, torch.zeros(S, T, dtype=torch.bool, device=q.device), valid)
+        rank = ok.long().cumsum(1) - 1  # index of each valid token among the chunk's valid tokens
+        qpos = torch.where(ok, old_seen[:, None] + rank, -1)
+        self._record_new(old_len[:, None] + rank, qpos, ok)
+        if self.policy == "streaming" and T == 1 and bool(ok.all()):
+            out = self.decode_attention(q[:, :, 0], scale)[:, :, None]  # no attention weights needed
+        else:
+            out = self._dense_attend(q, qpos, ok, scale)
+        self._evict()
+        return out
+
+    def _record_new(self, slots: torch.Tensor, qpos: torch.Tensor, ok: torch.Tensor) -> None:
+        width = int(self.seq_lens.max())
+        if width > self.positions.shape[1]:
+            grow = max(width, math.ceil(self.positions.shape[1] * 1.25)) - self.positions.shape[1]
+            self.positions = torch.cat([self.positions, self.positions.new_zeros(self.num_seqs, grow)], 1)
+            self.scores = torch.cat([self.scores, self.scores.new_zeros(self.num_seqs, grow)], 1)
+        rows = torch.arange(self.num_seqs, device=ok.device)[:, None].expand_as(ok)
+        self.positions[rows[ok], slots[ok]] = qpos[ok]
+        self.scores[rows[ok], slots[ok]] = 0.0
+
+    def _dense(self):
+        """Live slots as padded [S, L, D] keys and values (via gather_varlen), and live [S, L]."""
+        lens = self.seq_lens.long()
+        L = int(lens.max())
+        kp, cu, _ = ops.gather_varlen(self.k_pages, self.block_table, self.seq_lens)
+        vp, _, _ = ops.gather_varlen(self.v_pages, self.block_table, self.seq_lens)
+        j = torch.arange(L, device=self.device)
+        live = j[None, :] < lens[:, None]
+        idx = (cu[:-1].long()[:, None] + j[None, :]).clamp_max(max(kp.shape[0] - 1, 0))
+        keys = kp[idx].masked_fill_(~live[..., None], 0)
+        values = vp[idx].masked_fill_(~live[..., None], 0)
+        return keys, values, live
+
+    def _dense_attend(self, q, qpos, ok, scale):
+        """Eager attention with the probabilities kept for the policy scores."""
+        S, G, T, D = q.shape
+        keys, values, live = self._dense()
+        L = keys.shape[1]
+        pos = self.positions[:, :L]
+        out = torch.zeros(S, G, T, D, dtype=q.dtype, device=q.device)
+        received = torch.zeros(S, L, dtype=torch.float32, device=q.device)
+        last = torch.where(ok, torch.arange(T, device=q.device)[None, :], -1).argmax(1)  # newest valid query
+        current = torch.zeros(S, L, dtype=torch.float32, device=q.device)
+        step = max(1, _SCORE_BUDGET // max(1, S * G * L))
+        for a in range(0, T, step):
+            b = min(a + step, T)
+            allowed = live[:, None, :] & (pos[:, None, :] <= qpos[:, a:b, None])  # [S, t, L]
+            s = torch.einsum("sgtd,sld->sgtl", q[:, :, a:b].float(), keys.float()) * scale
+            s = s.masked_fill(~allowed[:, None], float("-inf"))
+            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # pad queries see nothing: zero rows
+            out[:, :, a:b] = torch.einsum("sgtl,sld->sgtd", p, values.float()).to(q.dtype)
+            received += p.sum(dim=(1, 2))
+            hit = (last >= a) & (last < b)
+            cur = p.mean(1)[torch.arange(S, device=q.device), (last - a).clamp(0, b - a - 1)]
+            current = torch.where(hit[:, None], cur, current)
+        had = ok.any(1)[:, None]
+        if self.policy == "h2o":
+            self.scores[:, :L] += received
+        elif self.policy == "tova":
+            self.scores[:, :L] = torch.where(had, current, self.scores[:, :L])
+        return out
+
+    # -- eviction --------------------------------------------------------------------------------
+    def _keep(self, live: torch.Tensor) -> torch.Tensor:
+        L = live.shape[1]
+        pos, scores = self.positions[:, :L], self.scores[:, :L]
+        if self.policy == "streaming":
+            return streaming_keep(pos, live, self.budget, self.sinks)
+        if self.policy == "h2o":
+            return h2o_keep(pos, scores, live, self.budget, self.recent)
+        return tova_keep(scores, live, self.budget)
+
+    def _evict(self) -> None:
+        lens = self.seq_lens.long()
+        L = int(lens.max())
+        if L <= self.budget:
+            return
+        slot = torch.arange(L, device=self.device)[None, :]
+        live = slot < lens[:, None]
+        keep = self._keep(live)
+        n = keep.sum(1)
+        # Kept slots at index >= n move into the dropped slots below n, pairwise in slot order.
+        big = torch.iinfo(torch.int64).max
+        holes = torch.where(~keep & (slot < n[:, None]), slot, big).sort(1).values
+        movers = torch.where(keep & (slot >= n[:, None]), slot, big).sort(1).values
+        pair = movers != big
+        rows = torch.arange(self.num_seqs, device=self.device)[:, None].expand_as(pair)[pair]
+        src, dst = movers[pair], holes[pair]
+        flat_k = self.k_pages.view(-1, self.head_dim)
+        flat_v = self.v_pages.view(-1, self.head_dim)
+        src_row, dst_row = self._row(rows, src), self._row(rows, dst)
+        flat_k[dst_row] = flat_k[src_row]
+        flat_v[dst_row] = flat_v[src_row]
+        self.positions[rows, dst] = self.positions[rows, src]
+        self.scores[rows, dst] = self.scores[rows, src]
+        self.seq_lens.copy_(n.to(torch.int32))
+        self._release_pages(n)
+
+    def _row(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        ps = self.page_size
+        return self.block_table[rows, slots // ps].long() * ps + slots % ps
+
+    def _release_pages(self, lens: torch.Tensor) -> None:
+        """Pages past each sequence's length go back on the free list (append pops a fresh page
+        whenever a new slot starts one, so a page left mapped there would leak)."""
+        cols = torch.arange(self.block_table.shape[1], device=self.device)[None, :]
+        freed = (cols >= (lens[:, None] + self.page_size - 1) // self.page_size) & (self.block_table >= 0)
+        ids = self.block_table[freed]
+        top = int(self.free_top[0])
+        self.free_pages[top: top + ids.numel()] = ids
+        self.free_top += ids.numel()
+        self.block_table[freed] = -1
+
+
+class PolicyCache(Cache):
+    """KV cache evicting with ``policy`` ("streaming", "h2o" or "tova") down to ``budget`` tokens
+    per (batch row, KV head) after every forward. Use it with a DMS model in mode "off" (the
+    plain model's attention): ``generate(..., past_key_values=PolicyCache(model, "h2o", 64))``.
+    ``sinks``: StreamingLLM's attention sinks; ``recent``: H2O's protected recent tokens
+    (default budget // 2)."""
+
+    def __init__(self, model=None, policy: str = "streaming", budget: int = 256, *, num_layers: int | None = None,
+                 page_size: int = 16, sinks: int = 4, recent: int | None = None):
+        if model is not None and num_layers is None:
+            num_layers = model.config.num_hidden_layers
+        if num_layers is None:
+            raise ValueError("PolicyCache needs a model or num_layers=")
+        super().__init__(layers=[PolicyLayer(policy, budget, page_size, sinks, recent) for _ in range(num_layers)])
+        self.policy, self.budget = policy, budget
+
+    def policy_attend(self, layer_idx: int, q, k, v, padding, scale: float) -> torch.Tensor:
+        """q [B, Hq, T, D], k/v [B, H_kv, T, D] post-RoPE, padding bool [B, T] or None -> [B, Hq, T, D]."""
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        S = B * Hkv
+        valid = None if padding is None else padding[:, None, :].expand(B, Hkv, T).reshape(S, T)
+        out = self.layers[layer_idx].attend(q.reshape(S, Hq // Hkv, T, D), k.reshape(S, T, D), v.reshape(S, T, D),
+                                            valid, scale)
+        return out.reshape(B, Hq, T, D)
+
+    # Same statistics as the DMS cache (tokens seen / retained per layer, batch row and KV head).
+    stats = DMSCache.stats
+    compression_ratio = DMSCache.compression_ratio
+    nbytes = DMSCache.nbytes

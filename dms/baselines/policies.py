@@ -1,0 +1,66 @@
+"""Eviction choices of the baseline policies, as pure functions over per-slot tensors.
+
+Every function sees the slots of ``S`` sequences (one per batch row and KV head) as ``[S, L]``
+tensors: ``positions`` (int64 token index within the sequence), ``live`` (bool) and, where the
+policy needs it, ``scores`` (float). It returns ``keep`` bool ``[S, L]``: the live slots to
+retain, exactly ``min(budget, live count)`` of them per row.
+
+* StreamingLLM (Xiao et al. 2023): the first ``sinks`` tokens (attention sinks) and the most
+  recent ``budget - sinks``.
+* H2O (Zhang et al. 2023): the ``recent`` newest tokens, then the heavy hitters: the highest
+  attention accumulated since the token entered the cache.
+* TOVA (Oren et al. 2024): the highest attention from the current (newest) query.
+"""
+from __future__ import annotations
+
+import torch
+
+POLICIES = ("streaming", "h2o", "tova")
+
+
+def _check(live: torch.Tensor, budget: int) -> None:
+    if not isinstance(budget, int) or isinstance(budget, bool) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1 (tokens per KV head), got {budget!r}")
+    if live.dtype != torch.bool or live.dim() != 2:
+        raise ValueError(f"live must be a bool [S, L] tensor, got {live.dtype} {tuple(live.shape)}")
+
+
+def _top(priority: torch.Tensor, live: torch.Tensor, budget: int) -> torch.Tensor:
+    """The ``budget`` live slots of highest priority per row (all live slots if fewer)."""
+    L = live.shape[1]
+    if L <= budget:
+        return live.clone()
+    prio = priority.double().masked_fill(~live, float("-inf"))
+    idx = prio.topk(budget, dim=1).indices
+    keep = torch.zeros_like(live).scatter_(1, idx, True)
+    return keep & live
+
+
+def _newest(positions: torch.Tensor, live: torch.Tensor, n: int) -> torch.Tensor:
+    """bool [S, L]: the ``n`` live slots of largest position per row."""
+    return _top(positions, live, n) if n > 0 else torch.zeros_like(live)
+
+
+def streaming_keep(positions: torch.Tensor, live: torch.Tensor, budget: int, sinks: int = 4) -> torch.Tensor:
+    _check(live, budget)
+    if not 0 <= sinks < budget:
+        raise ValueError(f"sinks must be in [0, budget) so that recent tokens fit; got sinks={sinks}, "
+                         f"budget={budget}")
+    big = float(torch.iinfo(torch.int64).max)
+    prio = torch.where(positions < sinks, big, positions.double())
+    return _top(prio, live, budget)
+
+
+def h2o_keep(positions: torch.Tensor, scores: torch.Tensor, live: torch.Tensor, budget: int,
+             recent: int) -> torch.Tensor:
+    _check(live, budget)
+    if recent < 0:
+        raise ValueError(f"recent must be >= 0, got {recent}")
+    protected = _newest(positions, live, min(recent, budget))
+    prio = scores.double().masked_fill(protected, float("inf"))
+    return _top(prio, live, budget)
+
+
+def tova_keep(scores: torch.Tensor, live: torch.Tensor, budget: int) -> torch.Tensor:
+    _check(live, budget)
+    return _top(scores, live, budget)

@@ -1,0 +1,124 @@
+"""Eviction baselines: each policy's choice on hand-made attention patterns, and PolicyCache in
+generate() on a tiny model (exact budget per KV head, vanilla output when nothing is evicted,
+StreamingLLM equal to a sink + sliding-window mask oracle)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dms
+from dms.baselines import PolicyCache, h2o_keep, streaming_keep, tova_keep
+from dms.models import set_mode
+from dms.models.tiny import tiny_model
+
+
+def _kept(keep: torch.Tensor, positions: torch.Tensor) -> list[list[int]]:
+    return [sorted(positions[s][keep[s]].tolist()) for s in range(keep.shape[0])]
+
+
+def test_streaming_keeps_sinks_and_recent():
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7, 8, 9], [9, 0, 8, 1, 7, 2, 6, 3, 5, 4]])
+    live = torch.ones(2, 10, dtype=torch.bool)
+    keep = streaming_keep(pos, live, budget=6, sinks=2)
+    assert _kept(keep, pos) == [[0, 1, 6, 7, 8, 9]] * 2  # slot order does not matter
+
+
+def test_streaming_ignores_dead_slots_and_short_rows():
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]])
+    live = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.bool)
+    keep = streaming_keep(pos, live, budget=4, sinks=1)
+    assert _kept(keep, pos) == [[0, 3, 4, 5], [0, 1, 2]]
+    assert not (keep & ~live).any()
+
+
+def test_h2o_keeps_recent_then_heavy_hitters():
+    # Token 5 received the most attention, then token 0; tokens 6 and 7 are the recent ones
+    # even though nobody attended them yet.
+    pos = torch.arange(8)[None]
+    scores = torch.tensor([[5.0, 0.1, 3.0, 0.2, 0.3, 9.0, 0.0, 0.0]])
+    keep = h2o_keep(pos, scores, torch.ones(1, 8, dtype=torch.bool), budget=4, recent=2)
+    assert _kept(keep, pos) == [[0, 5, 6, 7]]
+    keep = h2o_keep(pos, scores, torch.ones(1, 8, dtype=torch.bool), budget=4, recent=0)
+    assert _kept(keep, pos) == [[0, 2, 4, 5]]
+
+
+def test_tova_keeps_highest_current_attention():
+    pos = torch.tensor([[10, 11, 12, 13, 14]])
+    att = torch.tensor([[0.30, 0.05, 0.40, 0.10, 0.15]])  # the newest token (14) may go too
+    keep = tova_keep(att, torch.ones(1, 5, dtype=torch.bool), budget=3)
+    assert _kept(keep, pos) == [[10, 12, 14]]
+    keep = tova_keep(att, torch.ones(1, 5, dtype=torch.bool), budget=2)
+    assert _kept(keep, pos) == [[10, 12]]
+
+
+def test_bad_arguments_are_named():
+    live = torch.ones(1, 4, dtype=torch.bool)
+    with pytest.raises(ValueError, match="budget"):
+        tova_keep(torch.zeros(1, 4), live, budget=0)
+    with pytest.raises(ValueError, match="sinks"):
+        streaming_keep(torch.arange(4)[None], live, budget=4, sinks=4)
+    with pytest.raises(ValueError, match="policy"):
+        PolicyCache(num_layers=2, policy="quest", budget=8)
+
+
+def _off_model(seed: int = 0):
+    model = tiny_model("qwen3", seed=seed)
+    dms.apply(model, dms_window_size=4)
+    set_mode(model, "off")
+    return model
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova"])
+def test_generate_keeps_exactly_the_budget(policy):
+    model = _off_model()
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding: pads are never stored
+    cache = PolicyCache(model, policy, 12, page_size=4)
+    model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False,
+                   pad_token_id=0)
+    for layer in cache.layers:
+        assert layer.seq_lens.tolist() == [12] * 4  # 2 batch rows x 2 KV heads
+        assert layer.num_seen.tolist() == [49, 49, 42, 42]
+        # Every page still mapped belongs to a live slot; the rest is back on the free list.
+        mapped = int((layer.block_table >= 0).sum())
+        assert mapped == 4 * 3 and mapped + int(layer.free_top) == layer.k_pages.shape[0]
+        if policy == "streaming":
+            pos = layer.positions[:, :12].sort(1).values
+            assert pos[0].tolist() == [0, 1, 2, 3] + list(range(41, 49))
+    stats = cache.stats()
+    assert stats["retained"] == 2 * 4 * 12
+    assert stats["compression_ratio"] == pytest.approx(((49 / 12) + (42 / 12)) / 2)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova"])
+def test_large_budget_generates_like_the_plain_model(policy):
+    model, plain = _off_model(), tiny_model("qwen3")
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(1))
+    ref = plain.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    out = model.generate(ids, past_key_values=PolicyCache(model, policy, 64), max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_streaming_token_by_token_equals_sink_window_mask():
+    """Fed one token per forward, StreamingLLM at budget b with s sinks lets query t see keys
+    k < s and t - k <= b - s: the plain model under that 4D mask gives the same logits."""
+    b, s, T = 9, 2, 24
+    model, plain = _off_model(), tiny_model("qwen3")
+    ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(2))
+    cache = PolicyCache(model, "streaming", b, sinks=s, page_size=4)
+    with torch.no_grad():
+        steps = [model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits for t in range(T)]
+        t, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        allowed = (k <= t) & ((k < s) | (t - k <= b - s))
+        mask = torch.zeros(1, 1, T, T).masked_fill_(~allowed, float("-inf"))
+        ref = plain(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_policy_cache_needs_mode_off():
+    model = tiny_model("qwen3")
+    dms.apply(model, dms_window_size=4)
+    with pytest.raises(ValueError, match="'off'"):
+        model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=PolicyCache(model, "h2o", 8))
