@@ -1,0 +1,196 @@
+"""Accuracy and KV-cache size of KV-compression methods on the dms.tasks tasks.
+
+Methods: "vanilla" (the plain model, full cache), "dms" (a DMS model retrofitted for a given
+compression ratio, with its DMSCache), and the eviction baselines "streaming", "h2o", "tova"
+(dms.baselines, on the plain model's weights).
+
+Budget rule for the baselines at ratio r, per task: the mean number of tokens the DMS model
+for r retained per (layer, batch row, KV head) at the end of generation on that task's
+samples, rounded (so both hold about as many KV entries); without a DMS model for r (or when
+"dms" is not among the methods), ``ceil(prompt tokens / r)``. StreamingLLM keeps
+``min(4, budget - 1)`` sinks; H2O protects ``budget // 2`` recent tokens.
+
+Every method sees the same samples (seeds ``EVAL_SEED + i``, prompts of the same length per
+task, so a batch needs no padding) and decodes greedily for as many tokens as the longest gold
+answer plus a margin. Compression ratio = tokens seen / retained, as DMSCache.stats defines it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from dms.baselines import POLICIES, PolicyCache
+from dms.cache import DMSCache
+from dms.tasks import TASKS, generate, min_length, score
+
+METHODS = ("vanilla", "dms") + POLICIES
+EVAL_SEED = 10 ** 9  # as scripts/train_base_model.py: seeds its training stream practically never draws
+_EXTRA_TOKENS = 4  # generated beyond the longest gold answer
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str]
+    length: int = 256  # prompt tokens (raised to a task's minimum where needed)
+    samples: int = 8
+    batch_size: int = 8
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    ratios: list[float] = field(default_factory=list)  # baselines' ratios with no DMS model
+    page_size: int = 16
+
+    def __post_init__(self):
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if not self.tasks or unknown:
+            raise ValueError(f"tasks must be a non-empty list of {sorted(TASKS)}; unknown: {unknown}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if not self.methods or bad:
+            raise ValueError(f"methods must be a non-empty list of {METHODS}; unknown: {bad}")
+        for name in ("length", "samples", "batch_size", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if any(r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must be >= 1, got {self.ratios}")
+
+
+@dataclass
+class Row:
+    method: str
+    ratio: float | None  # target compression ratio (None for vanilla)
+    task: str
+    accuracy: float
+    compression: float  # achieved: tokens seen / retained, mean over layers, rows, KV heads
+    kv_bytes: float  # bytes of the retained K/V entries, mean per sample
+    kv_pool_bytes: float  # bytes the cache held (pool + index tensors), mean per sample
+    retained_per_head: float  # mean retained tokens per (layer, row, KV head)
+    budget: int | None  # baselines' token budget per KV head
+    samples: int
+    seconds: float
+
+    @property
+    def label(self) -> str:
+        return self.method if self.ratio is None else f"{self.method}@{self.ratio:g}x"
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), label=self.label)
+
+
+def task_samples(task: str, length: int, n: int):
+    length = max(length, min_length(task))
+    return [generate(task, length, EVAL_SEED + i) for i in range(n)]
+
+
+def _cache_stats(cache, rows: int) -> dict:
+    """Per-sample means of a finished batch's cache statistics."""
+    if isinstance(cache, (PolicyCache, DMSCache)):  # the paged layout: DMSCache.stats
+        st = cache.stats()
+        entries = sum(r.numel() for r in st["retained_per_layer"])
+        return dict(compression=st["compression_ratio"], kv_bytes=st["retained_bytes"] / rows,
+                    kv_pool_bytes=st["bytes"] / rows, retained_per_head=st["retained"] / entries)
+    keys = [layer.keys for layer in cache.layers]  # a transformers DynamicCache: every token kept
+    held = sum(2 * k.numel() * k.element_size() for k in keys) / rows
+    return dict(compression=1.0, kv_bytes=held, kv_pool_bytes=held, retained_per_head=float(keys[0].shape[2]))
+
+
+@torch.no_grad()
+def run_task(model, tokenizer, samples, make_cache, batch_size: int, progress=None) -> dict:
+    """Greedy generation on ``samples`` with a fresh cache per batch; accuracy and cache stats."""
+    hits, acc = 0.0, {}
+    new = max(len(tokenizer(s.target, add_special_tokens=False).input_ids) for s in samples) + _EXTRA_TOKENS
+    for a in range(0, len(samples), batch_size):
+        batch = samples[a:a + batch_size]
+        enc = tokenizer([s.prompt for s in batch], return_tensors="pt", padding=True)
+        cache = make_cache()
+        out = model.generate(**enc, past_key_values=cache, max_new_tokens=new, do_sample=False,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        hits += sum(score(s.task, t, s) for t, s in zip(texts, batch))
+        for key, value in _cache_stats(cache, len(batch)).items():
+            acc[key] = acc.get(key, 0.0) + value * len(batch)
+        if progress is not None:
+            progress.update(len(batch))
+    n = len(samples)
+    return dict(accuracy=hits / n, **{k: v / n for k, v in acc.items()})
+
+
+def load_base(path: str):
+    """The plain model as a DMS model in mode "off": vanilla attention, and PolicyCache works."""
+    from transformers import AutoModelForCausalLM
+
+    import dms
+    from dms.models import set_mode
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    dms.apply(model, dms_window_size=1)
+    set_mode(model, "off")
+    return model
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None or tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} needs a pad and an eos token")
+    return tok
+
+
+def _budget(dms_row: Row | None, prompt_tokens: int, ratio: float) -> int:
+    if dms_row is not None:
+        return max(2, round(dms_row.retained_per_head))
+    return max(2, math.ceil(prompt_tokens / ratio))
+
+
+def evaluate(base: str, dms_models: dict[float, str], config: EvalConfig, progress: bool = True) -> list[Row]:
+    """Runs every method of ``config`` on every task; ``dms_models`` maps a compression ratio to
+    the folder of the DMS model retrofitted for it. Returns one Row per (method, ratio, task)."""
+    from transformers import DynamicCache
+
+    import dms
+    from tqdm.auto import tqdm
+
+    if "dms" in config.methods and not dms_models:
+        raise ValueError("method 'dms' needs at least one DMS model (ratio -> folder)")
+    ratios = sorted(set(dms_models) | set(config.ratios))
+    baselines = [m for m in config.methods if m in POLICIES]
+    if baselines and not ratios:
+        raise ValueError(f"baselines {baselines} need compression ratios: give DMS models or ratios")
+    tokenizer = load_tokenizer(base)
+    model = load_base(base)
+    data = {t: task_samples(t, config.length, config.samples) for t in config.tasks}
+    prompt_tokens = {t: len(tokenizer(data[t][0].prompt).input_ids) for t in config.tasks}
+    runs = ("vanilla" in config.methods) + sum(("dms" in config.methods and r in dms_models) + len(baselines)
+                                               for r in ratios)
+    bar = tqdm(total=runs * len(config.tasks) * config.samples, desc="dms eval", unit="sample", disable=not progress)
+    rows: list[Row] = []
+
+    def run(method, ratio, task, runner, make_cache, budget=None) -> Row:
+        bar.set_postfix_str(f"{method}{'' if ratio is None else f'@{ratio:g}x'} {task}")
+        t0 = time.perf_counter()
+        res = run_task(runner, tokenizer, data[task], make_cache, config.batch_size, bar)
+        row = Row(method, ratio, task, samples=len(data[task]), budget=budget,
+                  seconds=time.perf_counter() - t0, **res)
+        rows.append(row)
+        return row
+
+    if "vanilla" in config.methods:
+        for task in config.tasks:
+            run("vanilla", None, task, model, lambda: DynamicCache(config=model.config))
+    for ratio in ratios:
+        dms_rows: dict[str, Row] = {}
+        if "dms" in config.methods and ratio in dms_models:
+            dms_model = dms.from_pretrained(dms_models[ratio], dtype=torch.float32)
+            for task in config.tasks:
+                dms_rows[task] = run("dms", ratio, task, dms_model,
+                                     lambda: DMSCache(dms_model, page_size=config.page_size))
+            del dms_model
+        for policy in baselines:
+            for task in config.tasks:
+                b = _budget(dms_rows.get(task), prompt_tokens[task], ratio)
+                sinks = min(4, b - 1)
+                run(policy, ratio, task, model,
+                    lambda: PolicyCache(model, policy, b, page_size=config.page_size, sinks=sinks), budget=b)
+    bar.close()
+    return rows

@@ -1,0 +1,87 @@
+"""``dms eval`` on tiny random models: table, JSON and PNG; the baselines' budget follows the
+DMS model's retained tokens."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dms
+from dms.cli import main
+from dms.models.tiny import tiny_model
+
+# Windows of the tiny "DMS" models: they evict every token leaving the window, so on ~100-token
+# prompts they keep w + 1 tokens per head, i.e. roughly 4x and 8x.
+TINY_WINDOWS = {4: 24, 8: 12}
+
+
+def tiny_model_dir(root, seed: int = 0) -> dict:
+    """Writes root/base (random tiny Qwen3 + the dms.tasks tokenizer) and root/dms-4x, root/dms-8x
+    (the same weights with a DMS adapter that evicts everything leaving its window)."""
+    from dms.tasks.tokenizer import save_tokenizer
+
+    tok = save_tokenizer(root / "base")
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    tiny_model("qwen3", seed=seed, **ids).save_pretrained(root / "base")
+    paths = {"base": root / "base"}
+    for ratio, window in TINY_WINDOWS.items():
+        model = tiny_model("qwen3", seed=seed, **ids)
+        dms.apply(model, dms_window_size=window, dms_separate_alpha=True)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
+        folder = root / f"dms-{ratio}x"
+        model.save_pretrained(folder)
+        save_tokenizer(folder)
+        paths[ratio] = folder
+    return paths
+
+
+def test_eval_writes_table_json_and_png(tmp_path, capsys):
+    paths = tiny_model_dir(tmp_path)
+    out = tmp_path / "results"
+    code = main(["eval", str(paths["base"]), "--dms", f"4={paths[4]}", "--dms", f"8={paths[8]}",
+                 "--tasks", "niah_single", "vt", "--samples", "3", "--batch-size", "2", "--length", "96",
+                 "--out", str(out), "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    for label in ("vanilla", "dms@4x", "dms@8x", "streaming@4x", "h2o@8x", "tova@8x"):
+        assert label in printed
+    doc = json.loads((out / "results.json").read_text())
+    rows = {(r["label"], r["task"]): r for r in doc["rows"]}
+    assert len(rows) == 2 * (1 + 2 * 4)
+    for task in ("niah_single", "vt"):
+        assert rows[("vanilla", task)]["compression"] == 1.0
+        for ratio, window in TINY_WINDOWS.items():
+            d = rows[(f"dms@{ratio}x", task)]
+            assert d["retained_per_head"] == window + 1  # the window alone stays
+            for policy in ("streaming", "h2o", "tova"):
+                b = rows[(f"{policy}@{ratio}x", task)]
+                assert b["budget"] == window + 1 and b["retained_per_head"] == window + 1
+                assert b["compression"] == pytest.approx(d["compression"])  # same seen, same retained
+                assert b["kv_bytes"] == pytest.approx(d["kv_bytes"])
+        assert rows[("dms@8x", task)]["compression"] > rows[("dms@4x", task)]["compression"] > 3
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in doc["rows"])
+    png = (out / "accuracy_vs_compression.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_eval_baselines_alone_use_prompt_over_ratio(tmp_path, capsys):
+    paths = tiny_model_dir(tmp_path)
+    out = tmp_path / "r"
+    assert main(["eval", str(paths["base"]), "--methods", "streaming", "--ratios", "4", "--tasks", "cwe",
+                 "--samples", "2", "--length", "60", "--out", str(out), "--no-progress"]) == 0
+    (row,) = json.loads((out / "results.json").read_text())["rows"]
+    assert row["budget"] == 16  # ceil(61 prompt tokens incl. BOS / 4)
+    assert row["retained_per_head"] == 16
+
+
+def test_eval_rejects_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path), "--dms", "four=x"])
+    assert "RATIO=PATH" in capsys.readouterr().err
+    paths = tiny_model_dir(tmp_path)
+    assert main(["eval", str(paths["base"]), "--methods", "dms", "--tasks", "cwe", "--no-progress"]) == 2
+    assert "needs at least one DMS model" in capsys.readouterr().err
