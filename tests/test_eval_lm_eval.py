@@ -1,0 +1,74 @@
+"""The lm-evaluation-harness adapter on a tiny DMS model: log-likelihoods equal the DMS model's
+own (cache-free) forward, generate_until decodes greedily through a DMSCache.
+
+lm-eval is an optional dependency (not in requirements-test.txt: it pulls datasets, pandas,
+pyarrow, scipy, scikit-learn...); without it these tests are skipped, except the one checking
+the import error message."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from test_eval import tiny_model_dir
+
+import dms
+
+
+def test_missing_lm_eval_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    monkeypatch.delitem(sys.modules, "dms.eval.lm_eval", raising=False)
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        import dms.eval.lm_eval  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    pytest.importorskip("lm_eval", reason="optional dependency lm-eval not installed")
+    pytest.importorskip("accelerate", reason="lm-eval's HF model needs accelerate")
+    from dms.eval.lm_eval import DMSLM
+
+    path = tiny_model_dir(tmp_path_factory.mktemp("lm"))[8]
+    return DMSLM(pretrained=str(path), batch_size=2, device="cpu", max_length=256, dtype="float32")
+
+
+def _instance(kind, args, idx=0):
+    from lm_eval.api.instance import Instance
+
+    return Instance(request_type=kind, doc={}, arguments=args, idx=idx)
+
+
+def test_loglikelihood_equals_the_dms_forward(lm):
+    from dms.tasks import generate
+
+    sample = generate("niah_single", 60, 0)
+    reqs = [_instance("loglikelihood", (sample.prompt, " " + sample.target)),
+            _instance("loglikelihood", (sample.prompt, " 1 2 3"), 1)]
+    results = lm.loglikelihood(reqs)
+    assert len(results) == 2
+    for req, (logprob, greedy) in zip(reqs, results):
+        # lm-eval's split: the continuation is what encoding context + continuation adds
+        ctx = lm.tok_encode(req.arguments[0])
+        cont = lm.tok_encode(req.arguments[0] + req.arguments[1])[len(ctx):]
+        ids = torch.tensor([ctx + cont])
+        with torch.no_grad():  # cache-free DMS forward: dense visibility mask
+            logits = lm.model(input_ids=ids, use_cache=False).logits.log_softmax(-1)[0]
+        pos = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
+        expected = logits[pos, torch.tensor(cont)].sum().item()
+        assert logprob == pytest.approx(expected, abs=1e-4)
+        assert greedy == bool((logits[pos].argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_generate_until_decodes_with_a_dms_cache(lm):
+    from dms.tasks import generate
+
+    prompt = generate("vt", 80, 3).prompt
+    (text,) = lm.generate_until([_instance("generate_until", (prompt, {"until": ["?"], "max_gen_toks": 6,
+                                                                         "do_sample": False}))])
+    ctx = torch.tensor([lm.tok_encode(prompt)])
+    with torch.no_grad():
+        ref = lm.model.generate(ctx, past_key_values=dms.DMSCache(lm.model), max_new_tokens=6, do_sample=False,
+                                pad_token_id=lm.tokenizer.pad_token_id)
+    expected = lm.tokenizer.decode(ref[0, ctx.shape[1]:]).split("?")[0]
+    assert text == expected
+    assert lm.compression and lm.compression[-1] > 4  # window 12, everything older evicted
