@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model-dir", type=Path, default=None,
                    help=f"folder holding base/, dms-4x/, dms-8x/ (default: the shipped {default_model_dir()})")
-    add_common(p, samples=8, length=256, out="dms-demo")
+    add_common(p, samples=16, length=256, out="dms-demo")
 
 
 def run(args) -> int:
