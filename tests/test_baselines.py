@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dms
-from dms.baselines import PolicyCache, h2o_keep, streaming_keep, tova_keep
+from dms.baselines import PolicyCache, PolicyLayer, h2o_keep, streaming_keep, tova_keep
 from dms.models import set_mode
 from dms.models.tiny import tiny_model
 
@@ -122,3 +122,51 @@ def test_policy_cache_needs_mode_off():
     dms.apply(model, dms_window_size=4)
     with pytest.raises(ValueError, match="'off'"):
         model(input_ids=torch.tensor([[5, 6, 7]]), past_key_values=PolicyCache(model, "h2o", 8))
+
+
+def test_streaming_chunked_prefill_equals_chunk_mask():
+    """Prompt fed in chunks of c: a query of the chunk starting at a sees the chunk causally
+    plus what the cache kept after the previous chunk (sinks and the b - s newest before a)."""
+    b, s, c, T = 10, 3, 7, 28
+    model, plain = _off_model(seed=1), tiny_model("qwen3", seed=1)
+    ids = torch.randint(3, 128, (1, T), generator=torch.Generator().manual_seed(3))
+    cache = PolicyCache(model, "streaming", b, sinks=s, page_size=4)
+    with torch.no_grad():
+        steps = [model(input_ids=ids[:, a:a + c], past_key_values=cache, use_cache=True).logits
+                 for a in range(0, T, c)]
+        t, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        a = t // c * c
+        allowed = (k <= t) & ((k >= a) | (k < s) | (k >= a - (b - s)))
+        mask = torch.zeros(1, 1, T, T).masked_fill_(~allowed, float("-inf"))
+        ref = plain(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(torch.cat(steps, 1), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova"])
+def test_layer_scores_come_from_the_attention_it_computed(policy):
+    """A prefill of T tokens on one PolicyLayer: output = causal attention, and the kept tokens
+    are those the policy picks from the probabilities of that attention (H2O: summed over
+    queries and heads of the group, 2 recent protected; TOVA: the newest query, head mean)."""
+    S, G, T, D, budget = 3, 2, 9, 8, 5
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(S, G, T, D, generator=gen)
+    k, v = torch.randn(S, T, D, generator=gen), torch.randn(S, T, D, generator=gen)
+    layer = PolicyLayer(policy, budget, page_size=2, recent=2)
+    out = layer.attend(q, k, v, None, 0.5)
+    scores = torch.einsum("sgtd,skd->sgtk", q, k) * 0.5
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    torch.testing.assert_close(out, probs @ v[:, None], rtol=1e-5, atol=1e-5)
+    pos = torch.arange(T).expand(S, T)
+    live = torch.ones(S, T, dtype=torch.bool)
+    if policy == "h2o":
+        want = h2o_keep(pos, probs.sum((1, 2)), live, budget, recent=2)
+    else:
+        want = tova_keep(probs[:, :, -1].mean(1), live, budget)
+    got = [sorted(layer.positions[s, :budget].tolist()) for s in range(S)]
+    assert layer.seq_lens.tolist() == [budget] * S
+    assert got == _kept(want, pos)
+    # The kept keys moved into slots 0..budget-1 intact.
+    kept_keys, _, _ = layer._dense()
+    for s in range(S):
+        torch.testing.assert_close(kept_keys[s], k[s, layer.positions[s, :budget]])

@@ -41,7 +41,8 @@ def how_to_produce(model_dir: Path) -> str:
     f = folders(model_dir)
     return (
         "Produce them with:\n"
-        f"  1. base model: python scripts/train_base_model.py --out RUN --final-eval, then copy RUN/final/ to {f['base']}/\n"
+        "  1. base model: python scripts/train_base_model.py --out RUN --final-eval,\n"
+        f"     then copy RUN/final/ to {f['base']}/\n"
         + "".join(f"  {i}. DMS {r}x: dms retrofit {f['base']} --data DATA.jsonl --target-cr {r} --output-dir {f[r]}\n"
                   for i, r in enumerate(RATIOS, start=2))
         + "     (DATA.jsonl: one {\"text\": ...} object per line, e.g. dms.tasks samples: prompt + target)\n"
@@ -53,7 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model-dir", type=Path, default=None,
                    help=f"folder holding base/, dms-4x/, dms-8x/ (default: the shipped {default_model_dir()})")
-    add_common(p, samples=16, length=256, out="dms-demo")
+    add_common(p, samples=32, length=256, out="dms-demo")
 
 
 def run(args) -> int:

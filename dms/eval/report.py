@@ -19,8 +19,7 @@ def summary(rows: list[Row]) -> list[dict]:
         n = len(rs)
         out.append(dict(label=label, method=rs[0].method, ratio=rs[0].ratio,
                         accuracy=sum(r.accuracy for r in rs) / n, compression=sum(r.compression for r in rs) / n,
-                        kv_bytes=sum(r.kv_bytes for r in rs) / n, budget=rs[0].budget if n == 1 else None,
-                        tasks={r.task: r.accuracy for r in rs}))
+                        kv_bytes=sum(r.kv_bytes for r in rs) / n, tasks={r.task: r.accuracy for r in rs}))
     return out
 
 
