@@ -72,3 +72,32 @@ def test_generate_until_decodes_with_a_dms_cache(lm):
     expected = lm.tokenizer.decode(ref[0, ctx.shape[1]:]).split("?")[0]
     assert text == expected
     assert lm.compression and lm.compression[-1] > 4  # window 12, everything older evicted
+
+
+def test_simple_evaluate_on_a_local_task(lm, tmp_path, monkeypatch):
+    """lm-eval's own evaluator on a local generate_until task, with the "dms" model instance."""
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from dms.tasks import generate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    data = tmp_path / "data.jsonl"
+    with open(data, "w") as f:
+        for i in range(3):
+            s = generate("niah_single", 60, i)
+            f.write(json.dumps(dict(prompt=s.prompt, target=s.target)) + "\n")
+    (tmp_path / "task.yaml").write_text(
+        "task: dms_tiny_niah\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\ntest_split: test\noutput_type: generate_until\n"
+        'doc_to_text: "{{prompt}}"\ndoc_to_target: "{{target}}"\n'
+        'generation_kwargs:\n  until: ["?"]\n  max_gen_toks: 4\n  do_sample: false\n'
+        "metric_list:\n  - metric: exact_match\n")
+    before = len(lm.compression)
+    res = simple_evaluate(model=lm, tasks=["dms_tiny_niah"],
+                          task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    assert 0.0 <= res["results"]["dms_tiny_niah"]["exact_match,none"] <= 1.0
+    assert len(lm.compression) - before == 2  # one DMS-cached generate call per batch of 2 documents

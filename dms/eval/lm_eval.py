@@ -6,13 +6,13 @@ accelerate``; dms itself does not depend on them). From Python:
     import dms.eval.lm_eval  # registers "dms"
     lm_eval.simple_evaluate(model="dms", model_args="pretrained=PATH,page_size=16", tasks=[...])
 
-or from the shell: ``python -m dms.eval.lm_eval --model dms --model_args pretrained=PATH --tasks ...``
-(the lm-eval command line with "dms" registered).
+or from the shell, lm-eval's command line with "dms" registered:
+``python -m dms.eval.lm_eval run --model dms --model_args pretrained=PATH --device cpu --tasks ...``
 
 The model loads with ``dms.from_pretrained`` (infer mode: hard eviction decisions).
 Log-likelihoods come from a forward through a fresh DMSCache (the prefill path: DMS
 visibility), generation decodes with a DMSCache; ``compression`` holds the compression ratio
-of every generation.
+of every generate call (one per batch).
 """
 from __future__ import annotations
 
