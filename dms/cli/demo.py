@@ -52,6 +52,7 @@ def how_to_produce(model_dir: Path) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from dms.cli.eval import add_common
 
+    p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     p.add_argument("--model-dir", type=Path, default=None,
                    help=f"folder holding base/, dms-4x/, dms-8x/ (default: the shipped {default_model_dir()})")
     add_common(p, samples=32, length=256, out="dms-demo")
@@ -71,6 +72,10 @@ def run(args) -> int:
           f"{args.length} tokens; methods {', '.join(args.methods)}", flush=True)
     wanted = {r: str(f[r]) for r in RATIOS} if "dms" in args.methods else {}
     ratios = [] if wanted else list(RATIOS)
-    paths = execute(str(f["base"]), wanted, args, ratios, title=f"dms demo ({model_dir.name})")
+    try:
+        paths = execute(str(f["base"]), wanted, args, ratios, title=f"dms demo ({model_dir.name})")
+    except ValueError as e:
+        print(f"dms demo: {e}", file=sys.stderr)
+        return 2
     print(f"dms demo: table above; results in {paths['json']}, plot in {paths['png']}", flush=True)
     return 0

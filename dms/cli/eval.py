@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _ratio_path(text: str) -> tuple[float, str]:
@@ -41,6 +42,7 @@ def add_common(p: argparse.ArgumentParser, samples: int, length: int, out: str) 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     p.add_argument("base", help="folder of the plain model (with its tokenizer); the baselines run on it")
     p.add_argument("--dms", type=_ratio_path, action="append", default=[], metavar="RATIO=PATH",
                    help="DMS model retrofitted for RATIO (repeatable)")
@@ -63,8 +65,6 @@ def execute(base: str, dms_models: dict[float, str], args, ratios=(), title: str
     print(table(rows), flush=True)
     meta = dict(base=base, dms={f"{r:g}": p for r, p in dms_models.items()}, tasks=args.tasks,
                 methods=args.methods, samples=args.samples, length=args.length, ratios=list(ratios))
-    from pathlib import Path
-
     out = Path(args.out)
     paths = dict(json=save_json(rows, out / "results.json", meta),
                  png=plot(rows, out / "accuracy_vs_compression.png", title))

@@ -132,6 +132,7 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path)
+    tok.padding_side = "left"  # generation continues the prompts' right ends
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise ValueError(f"the tokenizer in {path} needs a pad and an eos token")
     return tok
