@@ -13,6 +13,7 @@ geometrically, so copies are amortised.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,10 @@ _APPEND_PIECE = 64
 
 class DMSCacheFullError(RuntimeError):
     """The page pool would exceed the user-set ``max_pages`` cap."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass
@@ -61,12 +66,19 @@ class DMSLayer(CacheLayerMixin):
 
     def __init__(self, window: int, page_size: int = 16, max_pages: int | None = None):
         super().__init__()
-        if not isinstance(page_size, int) or page_size < 1:
+        if not _is_int(window) or window < 0:
+            raise ValueError(f"window must be an int >= 0, got {window!r}")
+        if not _is_int(page_size) or page_size < 1:
             raise ValueError(f"page_size must be an int >= 1, got {page_size!r}")
+        if max_pages is not None and (not _is_int(max_pages) or max_pages < 1):
+            raise ValueError(f"max_pages must be None or an int >= 1, got {max_pages!r}")
         self.window = window
         self.page_size = page_size
         self.max_pages = max_pages
         self.columns = 0  # positions fed so far, pads included (what generate calls seq length)
+        # Set (to the reason) when this layer no longer matches the other layers of its cache.
+        self.unusable: str | None = None
+        self.on_refused = None  # called by a refused append; DMSCache uses it to check the layers
 
     # -- allocation --------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -107,13 +119,18 @@ class DMSLayer(CacheLayerMixin):
         if total + self.num_seqs * room > self.k_pages.shape[0]:
             self._grow_pool(total, total + self.num_seqs * room)
         if longest + room > self.block_table.shape[1]:
-            cols = max(longest + room, math.ceil(self.block_table.shape[1] * _GROWTH))
+            self._grow_table(max(longest + room, math.ceil(self.block_table.shape[1] * _GROWTH)))
+
+    def _grow_table(self, cols: int) -> None:
+        if cols > self.block_table.shape[1]:
             pad = self.block_table.new_full((self.num_seqs, cols - self.block_table.shape[1]), -1)
             self.block_table = torch.cat([self.block_table, pad], dim=1)
 
     def _grow_pool(self, needed: int, wanted: int) -> None:
         old = self.k_pages.shape[0]
         new = max(wanted, math.ceil(old * _GROWTH))
+        if new <= old:
+            return
         if self.max_pages is not None:
             if needed > self.max_pages:
                 raise DMSCacheFullError(
@@ -140,21 +157,99 @@ class DMSLayer(CacheLayerMixin):
     def append(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,
                valid: torch.Tensor | None) -> None:
         """keys/values [S, T, D] post-RoPE, decisions bool [S, T] (1 = evict the previous token),
-        valid bool [S, T] or None (pads are never stored)."""
-        if not self.is_initialized:
-            self.lazy_initialization(keys, values)
-        if keys.shape[0] != self.num_seqs:
-            raise ValueError(f"DMSCache holds {self.num_seqs} sequences (batch * kv heads); got {keys.shape[0]}")
-        T = keys.shape[1]
-        for a in range(0, T, _APPEND_PIECE):
-            b = min(a + _APPEND_PIECE, T)
-            self._reserve(b - a)
-            ops.append(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
-                       self.ring_slots, self.ring_flags, self.free_pages, self.free_top,
-                       keys[:, a:b].contiguous(), values[:, a:b].contiguous(), decisions[:, a:b].contiguous(),
-                       None if valid is None else valid[:, a:b].contiguous())
-            self._tokens_since_sync += b - a
+        valid bool [S, T] or None (pads are never stored).
+
+        All or nothing: if it raises (bad input, ``max_pages`` reached) the layer is unchanged."""
+        if self.unusable:
+            raise RuntimeError(self.unusable)
+        try:
+            self._check_chunk(keys, values, decisions, valid)
+            if not self.is_initialized:
+                self.lazy_initialization(keys, values)
+            T = keys.shape[1]
+            if self.max_pages is not None and self._bound(T)[0] > self.max_pages:
+                self._append_at_cap(keys, values, decisions, valid)
+            else:
+                # The worst case fits (or there is no cap): no piece can be refused.
+                for a in range(0, T, _APPEND_PIECE):
+                    b = min(a + _APPEND_PIECE, T)
+                    self._reserve(b - a)
+                    self._op_append(keys[:, a:b], values[:, a:b], decisions[:, a:b],
+                                    None if valid is None else valid[:, a:b])
+                    self._tokens_since_sync += b - a
+        except Exception:
+            if self.on_refused is not None:
+                self.on_refused()
+            raise
         self.columns += T
+
+    def _op_append(self, keys, values, decisions, valid) -> None:
+        ops.append(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
+                   self.ring_slots, self.ring_flags, self.free_pages, self.free_top,
+                   keys.contiguous(), values.contiguous(), decisions.contiguous(),
+                   None if valid is None else valid.contiguous())
+
+    def _append_at_cap(self, keys, values, decisions, valid) -> None:
+        """The worst case (every token a new slot) would pass ``max_pages``; evictions may still
+        make room. Grow up to the cap and hand the whole chunk to one op call, which takes all of
+        it or nothing (fed in pieces, an early piece could be stored before a later one is
+        refused)."""
+        self._synced_lens = self.seq_lens.tolist()
+        self.syncs += 1
+        self._tokens_since_sync = 0
+        total, longest = self._bound(keys.shape[1])
+        room = math.ceil(_HEADROOM_TOKENS / self.page_size)
+        in_use = sum(math.ceil(n / self.page_size) for n in self._synced_lens)
+        # Growth replaces these tensors (free_top in place): a refused chunk restores them, so the
+        # layer is exactly as before.
+        saved = (self.k_pages, self.v_pages, self.block_table, self.free_pages, self.free_top.clone())
+        self._grow_pool(in_use, total + self.num_seqs * room)
+        self._grow_table(min(longest + room, self.max_pages))
+        try:
+            self._op_append(keys, values, decisions, valid)
+            if int(self.free_top[0]) < 0:  # CUDA cannot raise: it leaves the state, sets -(pages needed)
+                raise RuntimeError(f"page pool exhausted: need {-int(self.free_top[0])} pages")
+        except RuntimeError as e:
+            if "page pool exhausted" not in str(e) and "block_table has room" not in str(e):
+                raise
+            self.k_pages, self.v_pages, self.block_table, self.free_pages = saved[:4]
+            self.free_top.copy_(saved[4])
+            raise self._full_error(str(e)) from e
+        self._tokens_since_sync += keys.shape[1]
+
+    def _full_error(self, detail: str) -> DMSCacheFullError:
+        """``detail``: the op's refusal, "... need N pages ..." = pages the chunk adds."""
+        need = re.search(r"need (\d+) pages", detail)
+        in_use = sum(math.ceil(n / self.page_size) for n in self._synced_lens)
+        total = f"{in_use + int(need.group(1))} pages" if need else "more pages"
+        return DMSCacheFullError(
+            f"DMSCache: a layer needs {total} of {self.page_size} tokens but max_pages={self.max_pages} "
+            f"({detail}); nothing was stored: raise max_pages or use a higher compression")
+
+    def _check_chunk(self, keys, values, decisions, valid) -> None:
+        """Shapes, dtypes and devices of a chunk, checked before anything is written (no host sync)."""
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
+            raise ValueError(f"keys must be a tensor [S, T, D], got {_describe(keys)}")
+        if not keys.is_floating_point():
+            raise ValueError(f"keys must be a floating-point tensor, got {keys.dtype}")
+        S, T, D = keys.shape
+        if T < 1:
+            raise ValueError(f"keys must hold at least one token (T >= 1), got shape {tuple(keys.shape)}")
+        if not isinstance(values, torch.Tensor) or values.shape != keys.shape or values.dtype != keys.dtype \
+                or values.device != keys.device:
+            raise ValueError(f"values must be {keys.dtype} {tuple(keys.shape)} on {keys.device} like keys, got "
+                             f"{_describe(values)}")
+        for name, t in (("decisions", decisions), ("valid", valid)):
+            if name == "valid" and t is None:
+                continue
+            if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or t.shape != (S, T) or t.device != keys.device:
+                raise ValueError(f"{name} must be bool [S, T] = {(S, T)} on {keys.device}, got {_describe(t)}")
+        if self.is_initialized:
+            if S != self.num_seqs:
+                raise ValueError(f"DMSCache holds {self.num_seqs} sequences (batch * kv heads); got {S}")
+            if (D, keys.dtype, keys.device) != (self.head_dim, self.dtype, self.device):
+                raise ValueError(f"keys must be {self.dtype} with head_dim {self.head_dim} on {self.device} like "
+                                 f"the cache, got {keys.dtype} with head_dim {D} on {keys.device}")
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
@@ -165,10 +260,14 @@ class DMSLayer(CacheLayerMixin):
     # -- reading -------------------------------------------------------------------------
     def decode_attention(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q [S, G, D] attends every live slot of its sequence -> [S, G, D]."""
+        if self.unusable:
+            raise RuntimeError(self.unusable)
         return ops.paged_decode_attention(q.contiguous(), self.k_pages, self.v_pages, self.block_table,
                                           self.seq_lens, float(scale))
 
     def prefill_view(self) -> PrefillView:
+        if self.unusable:
+            raise RuntimeError(self.unusable)
         S = self.num_seqs
         lens = self.seq_lens.long()
         L = int(lens.max()) if S else 0
@@ -212,6 +311,7 @@ class DMSLayer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.columns = 0
+        self.unusable = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError("DMSCache does not support beam search (pages are per sequence, not per beam)")
@@ -256,13 +356,26 @@ class DMSCache(Cache):
             num_layers = config.num_hidden_layers if num_layers is None else num_layers
         if window is None or num_layers is None:
             raise ValueError("DMSCache needs a DMS model, or both window= and num_layers=")
-        if max_pages is not None and (not isinstance(max_pages, int) or max_pages < 1):
-            raise ValueError(f"max_pages must be None or an int >= 1, got {max_pages!r}")
-        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        if not _is_int(num_layers) or num_layers < 1:
+            raise ValueError(f"num_layers must be an int >= 1, got {num_layers!r}")
+        if not _is_int(prefill_chunk) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         super().__init__(layers=[DMSLayer(window, page_size, max_pages) for _ in range(num_layers)])
+        for layer in self.layers:
+            layer.on_refused = self._check_layers_agree
         self.window = window
         self.prefill_chunk = prefill_chunk
+
+    def _check_layers_agree(self) -> None:
+        """After a refused append: a model forward feeds the layers one after the other, so if a
+        later layer refused a chunk that earlier layers stored, the layers no longer hold the same
+        tokens and every further use must fail (the refusing layer itself is unchanged)."""
+        columns = [layer.columns for layer in self.layers]
+        if len(set(columns)) > 1:
+            reason = (f"this DMSCache is unusable: an append was refused after some layers had stored the "
+                      f"chunk (positions per layer: {columns}); start a new DMSCache")
+            for layer in self.layers:
+                layer.unusable = reason
 
     def stats(self) -> dict:
         """Compression ratio (tokens seen / retained, mean over layer, batch row, KV head),
@@ -288,3 +401,9 @@ class DMSCache(Cache):
 
     def nbytes(self) -> int:
         return self.stats()["bytes"]
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)} on {x.device}"
+    return type(x).__name__
