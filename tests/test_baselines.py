@@ -1,13 +1,13 @@
-"""Eviction baselines: each policy's choice on hand-made attention patterns, and PolicyCache in
-generate() on a tiny model (exact budget per KV head, vanilla output when nothing is evicted,
-StreamingLLM equal to a sink + sliding-window mask oracle)."""
+"""Baselines: each policy's choice on hand-made attention patterns (Quest: on hand-made keys),
+and PolicyCache in generate() on a tiny model (exact budget per KV head, vanilla output when
+nothing is evicted, StreamingLLM equal to a sink + sliding-window mask oracle)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import dms
-from dms.baselines import PolicyCache, PolicyLayer, h2o_keep, streaming_keep, tova_keep
+from dms.baselines import PolicyCache, PolicyLayer, h2o_keep, quest_select, streaming_keep, tova_keep
 from dms.models import set_mode
 from dms.models.tiny import tiny_model
 
@@ -58,7 +58,7 @@ def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="sinks"):
         streaming_keep(torch.arange(4)[None], live, budget=4, sinks=4)
     with pytest.raises(ValueError, match="policy"):
-        PolicyCache(num_layers=2, policy="quest", budget=8)
+        PolicyCache(num_layers=2, policy="snapkv", budget=8)
 
 
 def _off_model(seed: int = 0):
@@ -170,3 +170,48 @@ def test_layer_scores_come_from_the_attention_it_computed(policy):
     kept_keys, _, _ = layer._dense()
     for s in range(S):
         torch.testing.assert_close(kept_keys[s], k[s, layer.positions[s, :budget]])
+
+
+def test_quest_reads_the_pages_with_the_highest_bound():
+    # Pages of 2 slots; with q = [1, 0] the bound of a page is its largest first key channel.
+    keys = torch.tensor([[[0.0, 0.0], [0.0, 1.0], [5.0, 0.0], [4.0, 0.0],
+                          [-3.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]])
+    live = torch.ones(1, 8, dtype=torch.bool)
+    slots = lambda sel: torch.nonzero(sel[0]).flatten().tolist()  # noqa: E731
+    q = torch.tensor([[[1.0, 0.0]]])
+    assert slots(quest_select(q, keys, live, 2, budget=2)) == [2, 3, 6, 7]  # best page + the newest
+    assert slots(quest_select(q, keys, live, 2, budget=4)) == [2, 3, 4, 5, 6, 7]
+    # q = [-1, 0]: the bound uses the channel minimum, page 2 (min -3) wins.
+    assert slots(quest_select(-q, keys, live, 2, budget=2)) == [4, 5, 6, 7]
+    # The newest live slot decides the newest page; dead slots are never read.
+    live[0, 6:] = False
+    assert slots(quest_select(q, keys, live, 2, budget=2)) == [2, 3, 4, 5]
+
+
+def test_quest_keeps_everything_and_decode_reads_the_selected_pages():
+    S, G, T, D, ps, budget = 2, 2, 11, 4, 2, 4
+    gen = torch.Generator().manual_seed(5)
+    k, v = torch.randn(S, T + 1, D, generator=gen), torch.randn(S, T + 1, D, generator=gen)
+    q = torch.randn(S, G, T + 1, D, generator=gen)
+    layer = PolicyLayer("quest", budget, page_size=ps)
+    layer.attend(q[:, :, :T], k[:, :T], v[:, :T], None, 1.0)
+    out = layer.attend(q[:, :, T:], k[:, T:], v[:, T:], None, 1.0)
+    assert layer.seq_lens.tolist() == [T + 1] * S  # nothing evicted
+    sel = quest_select(q[:, :, T], k, torch.ones(S, T + 1, dtype=torch.bool), ps, budget)
+    assert layer.read.tolist() == sel.sum(1).tolist() == [6, 6]  # 2 best pages + the newest, 2 slots each
+    scores = torch.einsum("sgd,skd->sgk", q[:, :, T], k).masked_fill(~sel[:, None], float("-inf"))
+    torch.testing.assert_close(out[:, :, 0], scores.softmax(-1) @ v, rtol=1e-5, atol=1e-5)
+
+
+def test_quest_in_generate():
+    model, plain = _off_model(), tiny_model("qwen3")
+    ids = torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(6))
+    ref = plain.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    big = PolicyCache(model, "quest", 64, page_size=4)  # every page selected: the plain model
+    assert torch.equal(model.generate(ids, past_key_values=big, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=0), ref)
+    small = PolicyCache(model, "quest", 8, page_size=4)
+    model.generate(ids, past_key_values=small, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert all(layer.seq_lens.tolist() == [45] * 4 for layer in small.layers)
+    assert small.stats()["compression_ratio"] == 1.0
+    assert small.read_ratio() == pytest.approx(45 / 9)  # 2 pages of 4 + the newest page's 1 slot

@@ -39,10 +39,11 @@ def test_demo_end_to_end_on_tiny_models(tmp_path, capsys):
     assert str(out / "results.json") in printed and str(out / "accuracy_vs_compression.png") in printed
     doc = json.loads((out / "results.json").read_text())
     labels = {s["label"] for s in doc["summary"]}
-    assert labels == {"vanilla"} | {f"{m}@{r}x" for m in ("dms", "streaming", "h2o", "tova") for r in (4, 8)}
+    assert labels == {"vanilla"} | {f"{m}@{r}x" for m in ("dms", "streaming", "h2o", "tova", "quest")
+                                     for r in (4, 8)}
     for s in doc["summary"]:
         assert s["label"] in printed
-        if s["method"] != "vanilla":  # baselines run at the DMS model's retained tokens
+        if s["method"] not in ("vanilla", "quest"):  # evicting baselines keep what DMS retained
             dms_row = next(d for d in doc["summary"] if d["label"] == f"dms@{s['ratio']:g}x")
             assert abs(s["compression"] - dms_row["compression"]) < 1e-6
     assert (out / "accuracy_vs_compression.png").stat().st_size > 10_000

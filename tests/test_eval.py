@@ -47,15 +47,18 @@ def test_eval_writes_table_json_and_png(tmp_path, capsys):
                  "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
-    for label in ("vanilla", "dms@4x", "dms@8x", "streaming@4x", "h2o@8x", "tova@8x"):
+    for label in ("vanilla", "dms@4x", "dms@8x", "streaming@4x", "h2o@8x", "tova@8x", "quest@4x"):
         assert label in printed
+    assert "quest keeps every token" in printed
     doc = json.loads((out / "results.json").read_text())
     rows = {(r["label"], r["task"]): r for r in doc["rows"]}
-    assert len(rows) == 2 * (1 + 2 * 4)
+    assert len(rows) == 2 * (1 + 2 * 5)
     for task in ("niah_single", "vt"):
         assert rows[("vanilla", task)]["compression"] == 1.0
         for ratio, window in TINY_WINDOWS.items():
             d = rows[(f"dms@{ratio}x", task)]
+            quest = rows[(f"quest@{ratio}x", task)]  # reads ~ the budget, keeps everything
+            assert quest["kv_bytes"] == rows[("vanilla", task)]["kv_bytes"] and quest["compression"] > 1
             assert d["retained_per_head"] == window + 1  # the window alone stays
             for policy in ("streaming", "h2o", "tova"):
                 b = rows[(f"{policy}@{ratio}x", task)]

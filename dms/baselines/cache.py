@@ -15,6 +15,10 @@ attends ``budget + 1`` tokens, and a prefill chunk of ``T`` tokens attends up to
 ``budget + T`` (feed the prompt in pieces with generate's ``prefill_chunk_size`` to evict
 during the prompt too).
 
+Quest keeps every token; ``budget`` bounds what each decode step reads instead (whole pages
+of ``page_size`` slots: ``budget // page_size`` pages plus the newest one). Prefill attends
+everything, as in Quest.
+
 The model runs with the vanilla attention math: a DMS model in mode "off" hands attention to
 ``PolicyCache.policy_attend`` (see dms.attention.layer).
 """
@@ -26,7 +30,7 @@ import torch
 from transformers.cache_utils import Cache
 
 from dms._ops import ops
-from dms.baselines.policies import POLICIES, h2o_keep, streaming_keep, tova_keep
+from dms.baselines.policies import POLICIES, h2o_keep, quest_select, streaming_keep, tova_keep
 from dms.cache import DMSCache, DMSLayer
 
 # Elements of one [S, G, queries, keys] score block (queries are processed in pieces below it).
@@ -52,6 +56,7 @@ class PolicyLayer(DMSLayer):
         S = self.num_seqs
         self.positions = torch.zeros(S, 0, dtype=torch.int64, device=self.device)
         self.scores = torch.zeros(S, 0, dtype=torch.float32, device=self.device)
+        self.read = torch.zeros(S, dtype=torch.int64, device=self.device)  # keys the last query of s read
 
     # -- one forward ---------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
@@ -69,6 +74,7 @@ class PolicyLayer(DMSLayer):
         self._record_new(old_len[:, None] + rank, qpos, ok)
         if self.policy == "streaming" and T == 1 and bool(ok.all()):
             out = self.decode_attention(q[:, :, 0], scale)[:, :, None]  # no attention weights needed
+            self.read = self.seq_lens.long()
         else:
             out = self._dense_attend(q, qpos, ok, scale)
         self._evict()
@@ -101,6 +107,9 @@ class PolicyLayer(DMSLayer):
         """Eager attention with the probabilities kept for the policy scores."""
         S, G, T, D = q.shape
         keys, values, live = self._dense()
+        if self.policy == "quest" and T == 1:
+            live = quest_select(q[:, :, 0], keys, live, self.page_size, self.budget)
+        self.read = live.sum(1)
         L = keys.shape[1]
         pos = self.positions[:, :L]
         out = torch.zeros(S, G, T, D, dtype=q.dtype, device=q.device)
@@ -139,7 +148,7 @@ class PolicyLayer(DMSLayer):
     def _evict(self) -> None:
         lens = self.seq_lens.long()
         L = int(lens.max())
-        if L <= self.budget:
+        if L <= self.budget or self.policy == "quest":
             return
         slot = torch.arange(L, device=self.device)[None, :]
         live = slot < lens[:, None]
@@ -203,6 +212,17 @@ class PolicyCache(Cache):
         out = self.layers[layer_idx].attend(q.reshape(S, Hq // Hkv, T, D), k.reshape(S, T, D), v.reshape(S, T, D),
                                             valid, scale)
         return out.reshape(B, Hq, T, D)
+
+    def read_ratio(self) -> float:
+        """Tokens seen / keys the last query read, mean over layer, batch row and KV head (for
+        Quest, which keeps every token, the measure of its budget)."""
+        layers = [layer for layer in self.layers if layer.is_initialized]
+        if not layers:
+            return 1.0
+        seen = torch.stack([layer.num_seen.double() for layer in layers])
+        read = torch.stack([layer.read.double() for layer in layers])
+        ok = read > 0
+        return float((seen[ok] / read[ok]).mean()) if ok.any() else 1.0
 
     # Same statistics as the DMS cache (tokens seen / retained per layer, batch row and KV head).
     stats = DMSCache.stats

@@ -10,12 +10,16 @@ retain, exactly ``min(budget, live count)`` of them per row.
 * H2O (Zhang et al. 2023): the ``recent`` newest tokens, then the heavy hitters: the highest
   attention accumulated since the token entered the cache.
 * TOVA (Oren et al. 2024): the highest attention from the current (newest) query.
+
+Quest (Tang et al. 2024) evicts nothing: ``quest_select`` picks, per decode step, the pages
+(``page_size`` consecutive slots) whose keys can score highest against the current query,
+by the per-channel min/max bound ``sum_d max(q_d * min_d, q_d * max_d)``.
 """
 from __future__ import annotations
 
 import torch
 
-POLICIES = ("streaming", "h2o", "tova")
+POLICIES = ("streaming", "h2o", "tova", "quest")
 
 
 def _check(live: torch.Tensor, budget: int) -> None:
@@ -64,3 +68,27 @@ def h2o_keep(positions: torch.Tensor, scores: torch.Tensor, live: torch.Tensor, 
 def tova_keep(scores: torch.Tensor, live: torch.Tensor, budget: int) -> torch.Tensor:
     _check(live, budget)
     return _top(scores, live, budget)
+
+
+def quest_select(q: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, page_size: int, budget: int) -> torch.Tensor:
+    """Slots a decode query reads under Quest: the ``max(1, budget // page_size)`` pages with the
+    highest bound (summed over the G query heads of the sequence) plus the page of the newest
+    live slot (slots fill in order: Quest never evicts). q [S, G, D], keys [S, L, D] ->
+    bool [S, L]."""
+    _check(live, budget)
+    S, L, D = keys.shape
+    P = -(-L // page_size)
+    pad = P * page_size - L
+    k = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad)).view(S, P, page_size, D)
+    alive = torch.nn.functional.pad(live, (0, pad)).view(S, P, page_size, 1)
+    kmin = k.masked_fill(~alive, float("inf")).amin(2)  # [S, P, D]
+    kmax = k.masked_fill(~alive, float("-inf")).amax(2)
+    qf = q.float()[:, :, None, :]  # [S, G, 1, D]
+    bound = torch.maximum(qf * kmin[:, None], qf * kmax[:, None]).sum(-1).sum(1)  # [S, P]
+    page_live = alive.any(2).squeeze(-1)
+    bound = bound.masked_fill(~page_live, float("-inf"))
+    chosen = torch.zeros_like(page_live)
+    chosen.scatter_(1, bound.topk(min(P, max(1, budget // page_size)), dim=1).indices, True)
+    newest = (live.long().sum(1) - 1).clamp_min(0) // page_size
+    chosen[torch.arange(S, device=live.device), newest] = True
+    return chosen.repeat_interleave(page_size, dim=1)[:, :L] & live

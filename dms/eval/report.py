@@ -6,7 +6,7 @@ from pathlib import Path
 
 from dms.eval.runner import Row
 
-_MARKERS = {"vanilla": "*", "dms": "o", "streaming": "s", "h2o": "^", "tova": "D"}
+_MARKERS = {"vanilla": "*", "dms": "o", "streaming": "s", "h2o": "^", "tova": "D", "quest": "v"}
 
 
 def summary(rows: list[Row]) -> list[dict]:
@@ -34,7 +34,9 @@ def table(rows: list[Row]) -> str:
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     rule = "-" * len(fmt(head))
-    return "\n".join([fmt(head), rule] + [fmt(line) for line in lines])
+    notes = ["quest keeps every token: its CR is tokens seen / keys read per decode step"] \
+        if any(r.method == "quest" for r in rows) else []
+    return "\n".join([fmt(head), rule] + [fmt(line) for line in lines] + notes)
 
 
 def save_json(rows: list[Row], path: str | Path, meta: dict | None = None) -> Path:
@@ -62,7 +64,7 @@ def plot(rows: list[Row], path: str | Path, title: str = "accuracy vs KV compres
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.6 * nrows), squeeze=False)
     methods = list(dict.fromkeys(r.method for r in rows))
     # Baselines share DMS's compression by construction: shrinking markers keep overlaps visible.
-    sizes = {m: 10 - 1.5 * i for i, m in enumerate(methods)}
+    sizes = {m: 11 - 1.3 * i for i, m in enumerate(methods)}
     for ax, (name, task) in zip(axes.flat, panels):
         for method in methods:
             pts = {}
@@ -75,10 +77,11 @@ def plot(rows: list[Row], path: str | Path, title: str = "accuracy vs KV compres
             xs, ys = zip(*xy)
             if method == "vanilla":
                 ax.axhline(ys[0], color="gray", ls="--", lw=1)
-            ax.plot(xs, ys, marker=_MARKERS.get(method, "o"), ms=max(3.0, sizes[method]), lw=1.5, alpha=0.85,
+            ax.plot(xs, ys, marker=_MARKERS.get(method, "o"), ms=max(4.0, sizes[method]), lw=1.5, alpha=0.85,
                     label=method)
         ax.set_title(name, fontsize=10)
-        ax.set_xlabel("compression ratio (tokens seen / retained)", fontsize=8)
+        ax.set_xlabel("compression ratio (tokens seen / retained; quest: / read)" if "quest" in methods
+                      else "compression ratio (tokens seen / retained)", fontsize=8)
         ax.set_ylabel("accuracy", fontsize=8)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)

@@ -1,14 +1,16 @@
 """Accuracy and KV-cache size of KV-compression methods on the dms.tasks tasks.
 
 Methods: "vanilla" (the plain model, full cache), "dms" (a DMS model retrofitted for a given
-compression ratio, with its DMSCache), and the eviction baselines "streaming", "h2o", "tova"
-(dms.baselines, on the plain model's weights).
+compression ratio, with its DMSCache), and the baselines "streaming", "h2o", "tova", "quest"
+(dms.baselines, on the plain model's weights). Quest evicts nothing: its "compression" is
+tokens seen / keys read by the last decode step, and its KV bytes are the whole cache.
 
 Budget rule for the baselines at ratio r, per task: the mean number of tokens the DMS model
 for r retained per (layer, batch row, KV head) at the end of generation on that task's
 samples, rounded (so both hold about as many KV entries); without a DMS model for r (or when
 "dms" is not among the methods), ``ceil(prompt tokens / r)``. StreamingLLM keeps
-``min(4, budget - 1)`` sinks; H2O protects ``budget // 2`` recent tokens.
+``min(4, budget - 1)`` sinks; H2O protects ``budget // 2`` recent tokens; Quest selects pages
+of ``min(page_size, budget // 4)`` tokens, so that its budget spans at least 4 pages.
 
 Every method sees the same samples (seeds ``EVAL_SEED + i``, prompts of the same length per
 task, so a batch needs no padding) and decodes greedily for as many tokens as the longest gold
@@ -87,7 +89,8 @@ def _cache_stats(cache, rows: int) -> dict:
     if isinstance(cache, (PolicyCache, DMSCache)):  # the paged layout: DMSCache.stats
         st = cache.stats()
         entries = sum(r.numel() for r in st["retained_per_layer"])
-        return dict(compression=st["compression_ratio"], kv_bytes=st["retained_bytes"] / rows,
+        ratio = cache.read_ratio() if getattr(cache, "policy", None) == "quest" else st["compression_ratio"]
+        return dict(compression=ratio, kv_bytes=st["retained_bytes"] / rows,
                     kv_pool_bytes=st["bytes"] / rows, retained_per_head=st["retained"] / entries)
     keys = [layer.keys for layer in cache.layers]  # a transformers DynamicCache: every token kept
     held = sum(2 * k.numel() * k.element_size() for k in keys) / rows
@@ -191,7 +194,8 @@ def evaluate(base: str, dms_models: dict[float, str], config: EvalConfig, progre
             for task in config.tasks:
                 b = _budget(dms_rows.get(task), prompt_tokens[task], ratio)
                 sinks = min(4, b - 1)
+                ps = max(1, min(config.page_size, b // 4)) if policy == "quest" else config.page_size
                 run(policy, ratio, task, model,
-                    lambda: PolicyCache(model, policy, b, page_size=config.page_size, sinks=sinks), budget=b)
+                    lambda: PolicyCache(model, policy, b, page_size=ps, sinks=sinks), budget=b)
     bar.close()
     return rows
