@@ -104,7 +104,8 @@ class PolicyLayer(DMSLayer):
         return keys, values, live
 
     def _dense_attend(self, q, qpos, ok, scale):
-        """Eager attention with the probabilities kept for the policy scores."""
+        """Eager attention over the live slots (a Quest decode step: over its selected pages),
+        keeping the probabilities H2O and TOVA score with."""
         S, G, T, D = q.shape
         keys, values, live = self._dense()
         if self.policy == "quest" and T == 1:
@@ -189,8 +190,9 @@ class PolicyLayer(DMSLayer):
 
 class PolicyCache(Cache):
     """KV cache evicting with ``policy`` ("streaming", "h2o" or "tova") down to ``budget`` tokens
-    per (batch row, KV head) after every forward. Use it with a DMS model in mode "off" (the
-    plain model's attention): ``generate(..., past_key_values=PolicyCache(model, "h2o", 64))``.
+    per (batch row, KV head) after every forward, or ("quest") keeping everything and reading
+    about ``budget`` tokens per decode step. Use it with a DMS model in mode "off" (the plain
+    model's attention): ``generate(..., past_key_values=PolicyCache(model, "h2o", 64))``.
     ``sinks``: StreamingLLM's attention sinks; ``recent``: H2O's protected recent tokens
     (default budget // 2)."""
 
