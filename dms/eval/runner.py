@@ -100,7 +100,7 @@ def _cache_stats(cache, rows: int) -> dict:
 @torch.no_grad()
 def run_task(model, tokenizer, samples, make_cache, batch_size: int, progress=None) -> dict:
     """Greedy generation on ``samples`` with a fresh cache per batch; accuracy and cache stats."""
-    hits, acc = 0.0, {}
+    hits, totals = 0.0, {}
     new = max(len(tokenizer(s.target, add_special_tokens=False).input_ids) for s in samples) + _EXTRA_TOKENS
     for a in range(0, len(samples), batch_size):
         batch = samples[a:a + batch_size]
@@ -111,11 +111,11 @@ def run_task(model, tokenizer, samples, make_cache, batch_size: int, progress=No
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         hits += sum(score(s.task, t, s) for t, s in zip(texts, batch))
         for key, value in _cache_stats(cache, len(batch)).items():
-            acc[key] = acc.get(key, 0.0) + value * len(batch)
+            totals[key] = totals.get(key, 0.0) + value * len(batch)
         if progress is not None:
             progress.update(len(batch))
     n = len(samples)
-    return dict(accuracy=hits / n, **{k: v / n for k, v in acc.items()})
+    return dict(accuracy=hits / n, **{k: v / n for k, v in totals.items()})
 
 
 def load_base(path: str):
