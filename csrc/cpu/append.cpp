@@ -2,7 +2,7 @@
 // fits: (1) per-sequence dry run counting the pages each sequence needs, (2) exclusive prefix
 // over sequences (sequence s pops its pages after those of sequences 0..s-1), (3) per-sequence
 // write. Rows are copied as bytes: no dtype dispatch.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,6 +1,7 @@
 // CPU kernel of dms.compact: per-sequence counts -> prefix -> per-sequence copy. Rows are
 // moved as bytes, one memcpy per run of consecutive kept rows, so no dtype dispatch is needed.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

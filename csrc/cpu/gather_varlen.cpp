@@ -1,5 +1,6 @@
 // CPU kernel of dms.gather_varlen: paged store -> packed varlen, one memcpy per page run.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

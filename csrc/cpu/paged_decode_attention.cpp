@@ -1,6 +1,7 @@
 // CPU kernel of dms.paged_decode_attention: per sequence, the G query rows stream over the
 // live slots page by page with an online softmax in fp32.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -1,5 +1,6 @@
 // CPU kernel of dms.scan_flags: one independent backward/forward scan per sequence.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

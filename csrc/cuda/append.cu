@@ -3,7 +3,8 @@
 // prefixes the counts and either commits (free_top -= total) or, if the pool or a block_table
 // row is too small, sets free_top = -(pages needed) and cancels phase 3, (3) one block per
 // sequence walks its tokens (thread 0 runs dms::ring_step) and copies each row.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "dms/checks.h"

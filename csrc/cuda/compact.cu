@@ -1,7 +1,10 @@
 // CUDA kernel of dms.compact. Counts and prefixes come from ATen (sum/cumsum on the device);
 // the packed size must reach the host to allocate the output (one sync, as for any
 // data-dependent size). Then one block copies one kept row.
-#include <ATen/ATen.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "dms/checks.h"

@@ -1,6 +1,8 @@
 // CUDA kernel of dms.gather_varlen: one block per sequence copies its live slots in slot order.
 // The packed size must reach the host to allocate the output (one sync).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "dms/checks.h"

@@ -1,7 +1,8 @@
 // CUDA kernel of dms.paged_decode_attention: one block per (sequence, query head) streams over
 // the live slots with an online softmax; each score is a block-wide dot product. Simple rather
 // than fast: FlashAttention is the CUDA fast path (DESIGN.md §3).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "dms/checks.h"

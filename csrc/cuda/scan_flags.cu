@@ -1,5 +1,6 @@
 // CUDA kernel of dms.scan_flags: one thread scans one sequence (dms::scan_sequence).
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "dms/checks.h"
