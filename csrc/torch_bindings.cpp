@@ -25,7 +25,7 @@ TORCH_LIBRARY(dms, m) {
   // fake kernel can return it unbacked: with `int`, torch.compile and opcheck must specialise it.
   m.def("compact(Tensor x, Tensor keep) -> (Tensor packed, Tensor cu_seqlens, SymInt max_seqlen)");
 
-  // Feed T >= 1 new tokens per sequence (k, v [S, T, D], decisions bool [S, T], valid bool
+  // Feed T new tokens (T = 0 is a no-op) per sequence (k, v [S, T, D], decisions bool [S, T], valid bool
   // [S, T] or None) into the paged store, one token at a time per sequence: the decision of
   // token n flags token n-1; token n-w-1 leaves the window and, if flagged, its slot is taken
   // by token n; otherwise token n takes slot seq_lens[s] (popping a page when it starts one).
