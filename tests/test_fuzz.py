@@ -22,7 +22,7 @@ from dms import reference
 from dms.cache import DMSCacheFullError, DMSLayer
 
 ops = torch.ops.dms
-settings.register_profile("dms-fuzz-ci", max_examples=40, deadline=None, derandomize=True,
+settings.register_profile("dms-fuzz-ci", max_examples=80, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dms-fuzz-long", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
