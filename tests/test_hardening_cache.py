@@ -228,3 +228,31 @@ def test_cache_matches_reference_after_refusals():
     assert torch.equal(layer.seq_lens, ref["seq_lens"]) and torch.equal(layer.num_seen, ref["num_seen"])
     packed, cu, _ = reference.gather_varlen(ref["k_pages"], ref["block_table"], ref["seq_lens"])
     assert live_tokens(layer) == [sorted(map(tuple, packed[cu[s]:cu[s + 1]].tolist())) for s in range(S)]
+
+
+def test_cap_refusal_with_cuda_semantics_restores_free_top(monkeypatch):
+    """The CUDA append cannot raise: it leaves the state alone and sets free_top to -(pages
+    needed). Simulated on the CPU op: the layer must restore free_top and raise the same error."""
+    import dms.cache as cache_mod
+
+    real = cache_mod.ops.append
+
+    class CudaLikeOps:
+        @staticmethod
+        def append(*args):
+            try:
+                real(*args)
+            except RuntimeError as e:
+                need = int(str(e).split("need ")[1].split(" pages")[0])
+                args[8].fill_(-need)
+
+    layer = DMSLayer(window=1, page_size=2, max_pages=6)
+    layer.append(*chunk(T=5, seed=1), None)
+    before = snapshot(layer)
+    monkeypatch.setattr(cache_mod, "ops", CudaLikeOps)
+    with pytest.raises(DMSCacheFullError, match="needs 8 pages of 2 tokens but max_pages=6"):
+        layer.append(*chunk(T=3, seed=2), None)
+    assert_unchanged(layer, before)
+    k, v, _ = chunk(T=4, seed=3)
+    layer.append(k, v, torch.ones(2, 4, dtype=torch.bool), None)
+    assert layer.columns == 9 and int(layer.free_top[0]) >= 0
