@@ -32,13 +32,18 @@ TORCH_LIBRARY(dms, m) {
   // Pages are popped from the top of the free list in sequence order (deterministic). If the
   // pool or a block_table row is too small, nothing is written: CPU raises; CUDA, which cannot
   // raise without a host sync, leaves the state untouched and sets free_top to -(pages needed).
+  // A corrupt state is refused the same way before anything is written (CPU raises; CUDA sets
+  // free_top to INT32_MIN): seq_lens outside [0, max_pages * page_size], a live page id outside
+  // [0, P), num_seen < seq_lens or num_seen + T past int32, a ring slot handed over that is not
+  // in [0, seq_lens), free_top outside [0, P], a popped free page id outside [0, P); duplicate
+  // popped ids are refused on CPU only.
   m.def(
       "append(Tensor(a!) k_pages, Tensor(b!) v_pages, Tensor(c!) block_table, Tensor(d!) seq_lens, "
       "Tensor(e!) num_seen, Tensor(f!) ring_slots, Tensor(g!) ring_flags, Tensor free_pages, "
       "Tensor(h!) free_top, Tensor k, Tensor v, Tensor decisions, Tensor? valid) -> ()");
 
   // q [S, G, D] attends every live slot of sequence s; fp32 softmax; out [S, G, D] in q's
-  // dtype; an empty sequence gives zeros.
+  // dtype; an empty sequence gives zeros. scale must be finite in fp32.
   m.def(
       "paged_decode_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, "
       "Tensor seq_lens, float scale) -> Tensor");

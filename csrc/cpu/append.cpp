@@ -1,16 +1,19 @@
 // CPU kernel of dms.append, in three phases so that nothing is written unless the whole chunk
 // fits: (1) per-sequence dry run counting the pages each sequence needs, (2) exclusive prefix
 // over sequences (sequence s pops its pages after those of sequences 0..s-1), (3) per-sequence
-// write. Rows are copied as bytes: no dtype dispatch.
+// write. Phases 1-2 validate every index phase 3 follows (live page ids, ring slots handed
+// over, popped page ids), so phase 3 cannot fail. Rows are copied as bytes: no dtype dispatch.
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "dms/checks.h"
 #include "dms/ring.h"
+#include "paged_checks.h"
 
 namespace {
 
@@ -37,15 +40,23 @@ void append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::
   const int32_t top = free_top.data_ptr<int32_t>()[0];
   TORCH_CHECK(top >= 0 && top <= P, "dms.append: free_top = ", top, " must be in [0, P = ", P, "]");
 
+  // Live pages of every sequence in [0, P): phase 3 writes into them.
+  dms::cpu::check_seq_lens("dms.append", k_pages, block_table, seq_lens);
+
   // Phase 1: dry run.
   std::vector<int32_t> need(S);
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       const int32_t len = lens[s];
-      TORCH_CHECK(len >= 0 && len <= max_pages * ps && seen[s] >= len, "dms.append: corrupt state of sequence ",
-                  s, ": seq_lens = ", len, ", num_seen = ", seen[s], ", max_pages * page_size = ", max_pages * ps);
+      TORCH_CHECK(seen[s] >= len, "dms.append: corrupt state of sequence ", s, ": num_seen = ", seen[s],
+                  " < seq_lens = ", len);
+      TORCH_CHECK(dms::num_seen_fits(seen[s], T), "dms.append: num_seen[", s, "] = ", seen[s], " + ", T,
+                  " new tokens overflows int32");
+      int32_t bad_col = -1;
       const int32_t fresh = dms::count_fresh_slots(flags + s * W1, W1, seen[s], dec + s * T,
-                                                   ok ? ok + s * T : nullptr, T);
+                                                   ok ? ok + s * T : nullptr, T, slots + s * W1, len, &bad_col);
+      TORCH_CHECK(bad_col < 0, "dms.append: ring_slots[", s, ", ", bad_col, "] = ", slots[s * W1 + bad_col],
+                  " is handed over to a new token but is not a live slot in [0, seq_lens = ", len, ")");
       const int32_t pages = dms::pages_for(len + fresh, ps);
       need[s] = pages > max_pages ? kOverflow : pages - dms::pages_for(len, ps);
     }
@@ -66,6 +77,12 @@ void append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::
     TORCH_CHECK(id >= 0 && id < P, "dms.append: free_pages[", top - 1 - i, "] = ", id, " is not a page id in [0, ",
                 P, ")");
   }
+  // Two sequences given the same page would overwrite each other's keys.
+  std::vector<int32_t> popped(free_p + top - taken, free_p + top);
+  std::sort(popped.begin(), popped.end());
+  const auto dup = std::adjacent_find(popped.begin(), popped.end());
+  TORCH_CHECK(dup == popped.end(), "dms.append: free_pages[", top - taken, ":", top, "] (the ids to pop) hold page ",
+              *dup, " twice");
 
   // Phase 3: write.
   const int64_t row_bytes = k.size(2) * k.element_size();
@@ -81,8 +98,6 @@ void append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::
         if (ok && !ok[s * T + t]) continue;
         const auto choice = dms::ring_step(slots + s * W1, flags + s * W1, W1, n++, dec[s * T + t], len);
         const int64_t row = dms::place_slot(choice, block_row, ps, free_p, next_free);
-        TORCH_CHECK(row >= 0 && row < P * ps, "dms.append: corrupt state of sequence ", s, ": slot ", choice.slot,
-                    " maps to row ", row, " outside the pages");
         std::memcpy(k_dst + row * row_bytes, k_src + (s * T + t) * row_bytes, row_bytes);
         std::memcpy(v_dst + row * row_bytes, v_src + (s * T + t) * row_bytes, row_bytes);
       }

@@ -104,7 +104,7 @@ void attend_sequence(const scalar_t* q, const scalar_t* k_pages, const scalar_t*
 
 at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
-  dms::check_paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens);
+  dms::check_paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale);
   dms::cpu::check_seq_lens("dms.paged_decode_attention", k_pages, block_table, seq_lens);
   const int64_t S = q.size(0), G = q.size(1), D = q.size(2), max_pages = block_table.size(1);
   const int32_t ps = static_cast<int32_t>(k_pages.size(1));

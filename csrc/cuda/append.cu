@@ -1,7 +1,8 @@
 // CUDA kernel of dms.append, the same three phases as the CPU kernel, without a host sync:
 // (1) one thread per sequence counts the pages it needs (dms::count_fresh_slots), (2) one thread
 // prefixes the counts and either commits (free_top -= total) or, if the pool or a block_table
-// row is too small, sets free_top = -(pages needed) and cancels phase 3, (3) one block per
+// row is too small, sets free_top = -(pages needed) and cancels phase 3 (INT32_MIN if phase 1
+// or 2 found a corrupt state: an index phase 3 would follow out of bounds), (3) one block per
 // sequence walks its tokens (thread 0 runs dms::ring_step) and copies each row.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,32 +16,58 @@ namespace {
 
 using dms::cuda::word_t;
 
-__global__ void count_pages_kernel(const bool* ring_flags, int32_t W1, const int32_t* num_seen,
-                                   const int32_t* seq_lens, const bool* dec, const bool* valid, int64_t S, int64_t T,
-                                   int32_t page_size, int64_t max_pages, int32_t* need, bool* overflow) {
+// status[s] of the dry run. A corrupt state is one the CPU kernel raises on.
+enum Status : int8_t { kFits = 0, kRowTooShort = 1, kCorrupt = 2 };
+
+// Also checks what phase 3 follows: seq_lens in range, num_seen >= seq_lens and room in int32
+// for the chunk, live page ids in [0, P), ring slots handed over live.
+__global__ void count_pages_kernel(const int32_t* ring_slots, const bool* ring_flags, int32_t W1,
+                                   const int32_t* num_seen, const int32_t* seq_lens, const int32_t* block_table,
+                                   const bool* dec, const bool* valid, int64_t S, int64_t T, int32_t page_size,
+                                   int64_t max_pages, int64_t P, int32_t* need, int8_t* status) {
   const int64_t s = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (s >= S) return;
-  const int32_t len = seq_lens[s];
-  const int32_t fresh = dms::count_fresh_slots(ring_flags + s * W1, W1, num_seen[s], dec + s * T,
-                                               valid ? valid + s * T : nullptr, T);
+  const int32_t len = seq_lens[s], n0 = num_seen[s];
+  need[s] = 0;
+  status[s] = kCorrupt;
+  if (len < 0 || len > max_pages * page_size || n0 < len || !dms::num_seen_fits(n0, T)) return;
+  for (int32_t p = 0; p < dms::pages_for(len, page_size); ++p) {
+    const int32_t id = block_table[s * max_pages + p];
+    if (id < 0 || id >= P) return;
+  }
+  int32_t bad_col = -1;
+  const int32_t fresh = dms::count_fresh_slots(ring_flags + s * W1, W1, n0, dec + s * T,
+                                               valid ? valid + s * T : nullptr, T, ring_slots + s * W1, len,
+                                               &bad_col);
+  if (bad_col >= 0) return;
   const int32_t pages = dms::pages_for(len + fresh, page_size);
   need[s] = pages - dms::pages_for(len, page_size);
-  overflow[s] = pages > max_pages;
+  status[s] = pages > max_pages ? kRowTooShort : kFits;
 }
 
 // plan[s] = pages taken by sequences before s; plan[S] = the old free_top, or -1 to cancel.
-__global__ void plan_kernel(const int32_t* need, const bool* overflow, int64_t S, int32_t* free_top, int32_t* plan) {
+// Cancelled: free_top = -(pages needed), or INT32_MIN for a corrupt state (a bad free_top or
+// popped page id included).
+__global__ void plan_kernel(const int32_t* need, const int8_t* status, const int32_t* free_pages, int64_t S,
+                            int64_t P, int32_t* free_top, int32_t* plan) {
   int32_t total = 0;
-  bool fits = true;
+  bool fits = true, corrupt = false;
   for (int64_t s = 0; s < S; ++s) {
     plan[s] = total;
     total += need[s];
-    fits = fits && !overflow[s];
+    fits = fits && status[s] == kFits;
+    corrupt = corrupt || status[s] == kCorrupt;
   }
   const int32_t top = free_top[0];
-  fits = fits && total <= top;
+  corrupt = corrupt || top < 0 || top > P;
+  fits = fits && !corrupt && total <= top;
+  for (int32_t i = 0; fits && i < total; ++i) {
+    const int32_t id = free_pages[top - 1 - i];
+    corrupt = id < 0 || id >= P;
+    fits = !corrupt;
+  }
   plan[S] = fits ? top : -1;
-  free_top[0] = fits ? top - total : -total;
+  free_top[0] = fits ? top - total : (corrupt ? INT32_MIN : -total);
 }
 
 __global__ void write_kernel(word_t* k_pages, word_t* v_pages, int32_t* block_table, int32_t* seq_lens,
@@ -84,22 +111,24 @@ void append_cuda(const at::Tensor& k_pages, const at::Tensor& v_pages, const at:
   dms::check_append(k_pages, v_pages, block_table, seq_lens, num_seen, ring_slots, ring_flags, free_pages,
                     free_top, k, v, decisions, valid);
   const c10::cuda::CUDAGuard guard(k_pages.device());
-  const int64_t S = k.size(0), T = k.size(1), max_pages = block_table.size(1);
+  const int64_t S = k.size(0), T = k.size(1), P = k_pages.size(0), max_pages = block_table.size(1);
   if (S == 0) return;
   const int32_t ps = static_cast<int32_t>(k_pages.size(1));
   const int32_t W1 = static_cast<int32_t>(ring_slots.size(1));
   const bool* ok = valid ? valid->data_ptr<bool>() : nullptr;
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto need = at::empty({S}, seq_lens.options());
-  auto overflow = at::empty({S}, ring_flags.options());
+  auto status = at::empty({S}, seq_lens.options().dtype(at::kChar));
   auto plan = at::empty({S + 1}, seq_lens.options());
 
   count_pages_kernel<<<dms::cuda::blocks_for(S), dms::cuda::kThreads, 0, stream>>>(
-      ring_flags.data_ptr<bool>(), W1, num_seen.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-      decisions.data_ptr<bool>(), ok, S, T, ps, max_pages, need.data_ptr<int32_t>(), overflow.data_ptr<bool>());
+      ring_slots.data_ptr<int32_t>(), ring_flags.data_ptr<bool>(), W1, num_seen.data_ptr<int32_t>(),
+      seq_lens.data_ptr<int32_t>(), block_table.data_ptr<int32_t>(), decisions.data_ptr<bool>(), ok, S, T, ps,
+      max_pages, P, need.data_ptr<int32_t>(), status.data_ptr<int8_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  plan_kernel<<<1, 1, 0, stream>>>(need.data_ptr<int32_t>(), overflow.data_ptr<bool>(), S,
-                                   free_top.data_ptr<int32_t>(), plan.data_ptr<int32_t>());
+  plan_kernel<<<1, 1, 0, stream>>>(need.data_ptr<int32_t>(), status.data_ptr<int8_t>(),
+                                   free_pages.data_ptr<int32_t>(), S, P, free_top.data_ptr<int32_t>(),
+                                   plan.data_ptr<int32_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   write_kernel<<<static_cast<unsigned>(S), dms::cuda::kThreads, 0, stream>>>(
       static_cast<word_t*>(k_pages.data_ptr()), static_cast<word_t*>(v_pages.data_ptr()),

@@ -65,7 +65,7 @@ void launch(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_
 
 at::Tensor paged_decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                                        const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
-  dms::check_paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens);
+  dms::check_paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale);
   const c10::cuda::CUDAGuard guard(q.device());
   auto out = at::empty_like(q);
   if (q.numel() == 0) return out;

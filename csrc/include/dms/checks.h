@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <initializer_list>
 #include <optional>
 
@@ -80,8 +81,10 @@ inline void check_gather_varlen(const at::Tensor& pages, const at::Tensor& block
 
 inline void check_paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages,
                                          const at::Tensor& v_pages, const at::Tensor& block_table,
-                                         const at::Tensor& seq_lens) {
+                                         const at::Tensor& seq_lens, double scale) {
   constexpr const char* op = "dms.paged_decode_attention";
+  // The kernels scale in fp32: a double beyond float's range is as bad as inf.
+  TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op, ": scale must be finite in float32, got ", scale);
   check_float(op, "q", q);
   check_arg(op, "q", q, q.device(), {-1, -1, -1}, "[S, G, D]");
   const int64_t S = q.size(0);

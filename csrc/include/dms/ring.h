@@ -32,8 +32,13 @@ DMS_HOST_DEVICE inline SlotChoice ring_step(int32_t* slots, bool* flags, int32_t
 // iff n >= W1 and token m = n - W1 is flagged. For m < n0 - 1 that flag is already in the ring
 // (column m % W1 still holds token m: only token n overwrites it); otherwise it is the
 // decision of the chunk's valid token number m - n0 + 1, found by a cursor lagging behind.
+// With `ring_slots`, a slot handed over from the ring (m < n0) must be live, in [0, length):
+// otherwise *bad_col is set to its column (the first one found), else left alone.
+// Needs 0 <= n0 <= INT32_MAX - T (num_seen_fits), or n0 + j overflows.
 DMS_HOST_DEVICE inline int32_t count_fresh_slots(const bool* ring_flags, int32_t W1, int32_t n0,
-                                                 const bool* dec, const bool* valid, int64_t T) {
+                                                 const bool* dec, const bool* valid, int64_t T,
+                                                 const int32_t* ring_slots = nullptr, int32_t length = 0,
+                                                 int32_t* bad_col = nullptr) {
   int32_t fresh = 0, j = 0;  // j: index of the current token among the chunk's valid tokens
   int64_t lag = -1;          // position of the chunk's valid token number lag_j
   int32_t lag_j = -1;
@@ -52,9 +57,16 @@ DMS_HOST_DEVICE inline int32_t count_fresh_slots(const bool* ring_flags, int32_t
       flagged = dec[lag];
     }
     fresh += flagged ? 0 : 1;
+    if (flagged && m < n0 && ring_slots) {
+      const int32_t slot = ring_slots[m % W1];
+      if ((slot < 0 || slot >= length) && *bad_col < 0) *bad_col = m % W1;
+    }
   }
   return fresh;
 }
+
+// num_seen + T (and every token number of the chunk) fits int32; n0 >= 0.
+DMS_HOST_DEVICE inline bool num_seen_fits(int32_t n0, int64_t T) { return T <= INT32_MAX - n0; }
 
 DMS_HOST_DEVICE inline int32_t pages_for(int32_t slots, int32_t page_size) {
   return (slots + page_size - 1) / page_size;
