@@ -33,6 +33,10 @@ _HEADROOM_TOKENS = 32
 _APPEND_PIECE = 64
 
 
+# free_top after a CUDA append that found the store corrupt (csrc/torch_bindings.cpp).
+_CUDA_CORRUPT_STATE = -(2**31)
+
+
 class DMSCacheFullError(RuntimeError):
     """The page pool would exceed the user-set ``max_pages`` cap."""
 
@@ -207,8 +211,15 @@ class DMSLayer(CacheLayerMixin):
         self._grow_table(min(longest + room, self.max_pages))
         try:
             self._op_append(keys, values, decisions, valid)
-            if int(self.free_top[0]) < 0:  # CUDA cannot raise: it leaves the state, sets -(pages needed)
-                raise RuntimeError(f"page pool exhausted: need {-int(self.free_top[0])} pages")
+            top = int(self.free_top[0])
+            if top == _CUDA_CORRUPT_STATE:
+                self.k_pages, self.v_pages, self.block_table, self.free_pages = saved[:4]
+                self.free_top.copy_(saved[4])
+                raise RuntimeError(
+                    "dms.append refused this layer's store as corrupt (an index tensor out of range) and "
+                    "wrote nothing; its contents cannot be trusted: start a new DMSCache")
+            if top < 0:  # CUDA cannot raise: it leaves the state, sets -(pages needed)
+                raise RuntimeError(f"page pool exhausted: need {-top} pages")
         except RuntimeError as e:
             if "page pool exhausted" not in str(e) and "block_table has room" not in str(e):
                 raise

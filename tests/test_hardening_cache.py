@@ -256,3 +256,23 @@ def test_cap_refusal_with_cuda_semantics_restores_free_top(monkeypatch):
     k, v, _ = chunk(T=4, seed=3)
     layer.append(k, v, torch.ones(2, 4, dtype=torch.bool), None)
     assert layer.columns == 9 and int(layer.free_top[0]) >= 0
+
+
+def test_corrupt_state_signal_of_the_cuda_op_is_not_reported_as_a_full_pool(monkeypatch):
+    """A CUDA append that finds the store corrupt writes nothing and sets free_top to INT32_MIN
+    (csrc/torch_bindings.cpp). Simulated on the CPU: the layer restores free_top and says the
+    store is corrupt, not that it needs 2^31 pages."""
+    import dms.cache as cache_mod
+
+    class CorruptRefusingOps:
+        @staticmethod
+        def append(*args):
+            args[8].fill_(-(2**31))
+
+    layer = DMSLayer(window=1, page_size=2, max_pages=6)
+    layer.append(*chunk(T=5, seed=1), None)
+    before = snapshot(layer)
+    monkeypatch.setattr(cache_mod, "ops", CorruptRefusingOps)
+    with pytest.raises(RuntimeError, match="refused this layer's store as corrupt"):
+        layer.append(*chunk(T=3, seed=2), None)
+    assert_unchanged(layer, before)
