@@ -16,6 +16,7 @@ import os
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_ops_append import new_store
 
 import dms  # noqa: F401  (loads the ops)
 from dms import reference
@@ -32,16 +33,6 @@ STATE = ("k_pages", "v_pages", "block_table", "seq_lens", "num_seen", "ring_slot
          "free_pages", "free_top")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 WINDOWS = st.one_of(st.integers(0, 3), st.sampled_from([7, 16, 100]))
-
-
-def new_store(S, P, page_size, max_pages, window, D, dtype, seed):
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        k_pages=torch.zeros(P, page_size, D, dtype=dtype), v_pages=torch.zeros(P, page_size, D, dtype=dtype),
-        block_table=torch.full((S, max_pages), -1, dtype=torch.int32), seq_lens=torch.zeros(S, dtype=torch.int32),
-        num_seen=torch.zeros(S, dtype=torch.int32), ring_slots=torch.zeros(S, window + 1, dtype=torch.int32),
-        ring_flags=torch.zeros(S, window + 1, dtype=torch.bool),
-        free_pages=torch.randperm(P, generator=gen).int(), free_top=torch.tensor([P], dtype=torch.int32))
 
 
 @st.composite

@@ -1,7 +1,5 @@
 // CTest: the CPU kernels through the dispatcher, and the shared host/device ring helpers.
 // A plain executable: prints each failed check and returns nonzero.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <iostream>
 #include <random>
@@ -9,32 +7,11 @@
 
 #include "dms/ring.h"
 
+#include "dms_ops_test.h"
+
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                              \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::cerr << __FILE__ << ":" << __LINE__ << ": failed: " #cond << std::endl; \
-      ++failures;                                                                 \
-    }                                                                             \
-  } while (0)
-
-using T = const at::Tensor&;
-using Packed = std::tuple<at::Tensor, at::Tensor, c10::SymInt>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-const auto scan_flags =
-    op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(T, const std::optional<at::Tensor>&, int64_t)>("dms::scan_flags");
-const auto compact = op<Packed(T, T)>("dms::compact");
-const auto gather_varlen = op<Packed(T, T, T)>("dms::gather_varlen");
-const auto paged_decode_attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
-const auto append = op<void(T, T, T, T, T, T, T, T, T, T, T, T, const std::optional<at::Tensor>&)>("dms::append");
+using namespace dms_test;
 
 struct Store {
   at::Tensor k_pages, v_pages, block_table, seq_lens, num_seen, ring_slots, ring_flags, free_pages, free_top;

@@ -3,39 +3,16 @@
 // of the pool, partly filled last pages, page size 1, window 0, odd head dims, empty sequences,
 // S = 0), in the three model dtypes, plus the error paths (an exception through the dispatcher
 // must not leak or touch freed memory). Results are checked against simple recomputations.
-#include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <functional>
 #include <iostream>
 #include <string>
 
+#include "dms_ops_test.h"
+
 namespace {
 
-int failures = 0;
-
-#define EXPECT(cond)                                                              \
-  do {                                                                            \
-    if (!(cond)) {                                                                \
-      std::cerr << __FILE__ << ":" << __LINE__ << ": failed: " #cond << std::endl; \
-      ++failures;                                                                 \
-    }                                                                             \
-  } while (0)
-
-using T = const at::Tensor&;
-using Packed = std::tuple<at::Tensor, at::Tensor, c10::SymInt>;
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-const auto scan_flags =
-    op<std::tuple<at::Tensor, at::Tensor, at::Tensor>(T, const std::optional<at::Tensor>&, int64_t)>("dms::scan_flags");
-const auto compact = op<Packed(T, T)>("dms::compact");
-const auto gather_varlen = op<Packed(T, T, T)>("dms::gather_varlen");
-const auto paged_decode_attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
-const auto append = op<void(T, T, T, T, T, T, T, T, T, T, T, T, const std::optional<at::Tensor>&)>("dms::append");
+using namespace dms_test;
 
 // Expects `call` to throw a c10::Error whose message contains `arg`.
 void expect_error(const std::function<void()>& call, const std::string& arg) {
@@ -45,12 +22,12 @@ void expect_error(const std::function<void()>& call, const std::string& arg) {
     const std::string msg = e.what_without_backtrace();
     if (msg.find(arg) == std::string::npos) {
       std::cerr << "error does not name " << arg << ": " << msg << std::endl;
-      ++failures;
+      ++dms_test::failures;
     }
     return;
   }
   std::cerr << "no error naming " << arg << std::endl;
-  ++failures;
+  ++dms_test::failures;
 }
 
 // Fills a pool whose free list hands out the LAST page ids first, so live pages sit at the end
