@@ -11,6 +11,7 @@ from dms.attention.decisions import neuron_heads, neuron_logits, zero_neuron
 from dms.attention.infer import (causal_padding_mask, decode_attention, dense_attention,
                                  prefill_attention)
 from dms.attention.masks import visibility_mask
+from dms.attention.training import train_attention
 from dms.cache import DMSCache
 from dms.config import DMSConfig
 
@@ -25,15 +26,6 @@ class DMSRuntime:
     mode: str = "infer"
     generator: torch.Generator | None = None
     last_decisions: dict[int, torch.Tensor] = field(default_factory=dict)
-
-
-def _train_attention():
-    try:
-        from dms.attention.training import train_attention
-    except ImportError as e:
-        raise NotImplementedError(
-            "train mode needs dms.attention.training.train_attention, which is not available: " + str(e)) from e
-    return train_attention
 
 
 def _padding(attention_mask, T: int) -> torch.Tensor | None:
@@ -79,7 +71,7 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
     if mode == "train":
         if past_key_values is not None:
             raise ValueError("DMS train mode runs without a KV cache: call the model with use_cache=False")
-        out, hard, _ = _train_attention()(q, k, v, logits, window=cfg.window, tau=cfg.dms_tau,
+        out, hard, _ = train_attention(q, k, v, logits, window=cfg.window, tau=cfg.dms_tau,
                                           scale=module.scaling, padding_mask=padding,
                                           generator=runtime.generator)
         runtime.last_decisions[module.layer_idx] = hard
