@@ -1,0 +1,49 @@
+"""Writes DMS retrofit training data from the synthetic tasks: one JSONL line per sample,
+{"text": prompt + " " + target}, the format `dms retrofit --data` reads (tokenized with the
+model folder's tokenizer). Tasks take turns; lengths cycle through --lengths.
+
+    python scripts/make_retrofit_data.py --out runs/retrofit.jsonl --samples 4000 --lengths 128 256 512
+
+Seeds start at --seed (default 2 * 10**9), away from the evaluation seeds (dms.eval.runner
+uses 10**9 + i), so a retrofit never trains on the samples `dms eval` / `dms demo` score.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from tqdm import tqdm
+
+from dms.tasks import TASKS, generate, min_length
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--samples", type=int, default=4000)
+    p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512], help="prompt tokens")
+    p.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
+    p.add_argument("--seed", type=int, default=2 * 10 ** 9)
+    args = p.parse_args(argv)
+    if args.samples < 1:
+        p.error("--samples must be >= 1")
+    for task in args.tasks:
+        shortest = min_length(task)
+        if min(args.lengths) < shortest:
+            p.error(f"task {task} needs prompts of at least {shortest} tokens; got --lengths {args.lengths}")
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for i in tqdm(range(args.samples), desc="samples", unit="sample"):
+            task = args.tasks[i % len(args.tasks)]
+            length = args.lengths[(i // len(args.tasks)) % len(args.lengths)]
+            sample = generate(task, length, args.seed + i)
+            f.write(json.dumps({"text": f"{sample.prompt} {sample.target}"}) + "\n")
+    print(f"wrote {args.samples} samples of {len(args.tasks)} tasks to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""scripts/make_retrofit_data.py writes task samples that `dms retrofit` reads back as tokens."""
+import importlib.util
+import json
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from dms.tasks import TASKS, normalize
+from dms.tasks.tokenizer import save_tokenizer
+from dms.train.data import read_documents
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_retrofit_data.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("make_retrofit_data", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_samples_cover_every_task_and_tokenize_for_the_trainer(tmp_path):
+    out = tmp_path / "retro.jsonl"
+    n = 2 * len(TASKS)
+    assert _script().main(["--out", str(out), "--samples", str(n), "--lengths", "128", "160"]) == 0
+    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    assert len(texts) == n and len(set(texts)) == n
+    assert all(t.count("answer :") >= 1 for t in texts)
+
+    save_tokenizer(tmp_path / "tok")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    docs = read_documents([str(out)], tok)
+    assert len(docs) == n
+    assert normalize(tok.decode(docs[0], skip_special_tokens=True)) == normalize(texts[0])
+    assert {len(d) for d in docs[: len(TASKS)]} != {len(d) for d in docs[len(TASKS):]}  # both lengths used
