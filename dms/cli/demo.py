@@ -45,7 +45,7 @@ def how_to_produce(model_dir: Path) -> str:
         f"     then copy RUN/final/ to {f['base']}/\n"
         + "".join(f"  {i}. DMS {r}x: dms retrofit {f['base']} --data DATA.jsonl --target-cr {r} --output-dir {f[r]}\n"
                   for i, r in enumerate(RATIOS, start=2))
-        + "     (DATA.jsonl: one {\"text\": ...} object per line, e.g. dms.tasks samples: prompt + target)\n"
+        + "     (DATA.jsonl: dms.tasks samples, from python scripts/make_retrofit_data.py --out DATA.jsonl)\n"
         "or point the demo at another folder with the same layout: dms demo --model-dir DIR")
 
 
