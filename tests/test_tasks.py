@@ -127,7 +127,11 @@ def test_copy_list_is_auxiliary_training_data():
     from dms.tasks import AUXILIARY
 
     assert "copy_list" in AUXILIARY and "copy_list" not in TASKS
-    s = generate("copy_list", 40, 0)
-    assert count_tokens(s.prompt) == 40
-    assert s.prompt == f"list : {s.target} . repeat the list :"
-    assert score("copy_list", s.target, s) == 1.0
+    for length in (8, 40, 300):
+        s = generate("copy_list", length, 0)
+        items = s.target.split()
+        assert count_tokens(s.prompt) == length
+        assert len(set(items)) == len(items) >= 1
+        assert f"list : {s.target} ." in s.prompt and s.prompt.endswith(". repeat the list :")
+        assert score("copy_list", s.target, s) == 1.0
+    assert generate("copy_list", 8, 0).prompt == f"list : {generate('copy_list', 8, 0).target} . repeat the list :"

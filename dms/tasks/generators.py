@@ -243,14 +243,21 @@ def arith_trace(length: int, seed: int, terms: int = 4) -> Sample:
     return Sample("arith_trace", length, seed, prompt, " ; ".join(steps), answers)
 
 
-def copy_list(length: int, seed: int) -> Sample:
-    """Repeat a list of random key words. Not a benchmark task (no eviction can help it): it is
-    training data that makes every answer token an in-context copy, which is what grows the
-    induction heads the retrieval tasks need."""
+def copy_list(length: int, seed: int, min_items: int = 8, max_items: int = 40) -> Sample:
+    """Repeat a list of distinct key words that sits at a random depth in filler text. Not a
+    benchmark task: it is training data that makes every answer token a one-token in-context
+    copy (each item occurs once, so "find my previous occurrence, emit what followed" is
+    unambiguous), the induction circuit every retrieval task builds on."""
     rng = random.Random(f"copy_list:{length}:{seed}")
-    header, question = ["list", ":"], [".", "repeat", "the", "list", ":"]
-    n = length - len(header) - len(question)
-    if n < 1:
-        raise LengthTooSmall("copy_list", length, len(header) + len(question) + 1)
-    items = [rng.choice(KEYS) for _ in range(n)]
-    return Sample("copy_list", length, seed, " ".join(header + items + question), " ".join(items), (" ".join(items),))
+    opener, closer, question = ["list", ":"], ["."], ["repeat", "the", "list", ":"]
+    room = length - len(opener) - len(closer) - len(question)
+    if room < 1:
+        raise LengthTooSmall("copy_list", length, length - room + 1)
+    n = min(room, rng.randint(min_items, min(max_items, len(KEYS))))
+    items = rng.sample(KEYS, n)
+    sentences = _filler(rng, room - n)
+    cut = rng.randint(0, len(sentences))
+    before = [w for s in sentences[:cut] for w in s]
+    after = [w for s in sentences[cut:] for w in s]
+    target = " ".join(items)
+    return Sample("copy_list", length, seed, " ".join(before + opener + items + closer + after + question), target, (target,))
