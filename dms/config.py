@@ -11,6 +11,9 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 ALPHA_PER = ("head", "layer")
+# The ring of each (sequence, head) holds window + 1 tokens and the kernels index it with int32;
+# no published checkpoint is anywhere near this.
+MAX_WINDOW = 1 << 20
 
 
 class DMSConfigError(ValueError):
@@ -30,7 +33,7 @@ class DMSConfig:
     def __post_init__(self) -> None:
         checks = [
             ("dms_window_size", isinstance(self.dms_window_size, int) and not isinstance(self.dms_window_size, bool)
-             and self.dms_window_size >= 1, "an int >= 1"),
+             and 1 <= self.dms_window_size <= MAX_WINDOW, f"an int in [1, {MAX_WINDOW}]"),
             ("dms_alpha_scale", _is_number(self.dms_alpha_scale) and self.dms_alpha_scale > 0, "a number > 0"),
             ("dms_initial_alpha_offset", _is_number(self.dms_initial_alpha_offset), "a number"),
             ("dms_tau", _is_number(self.dms_tau) and self.dms_tau > 0, "a number > 0"),

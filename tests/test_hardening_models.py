@@ -101,3 +101,16 @@ def test_intact_checkpoint_loads_with_its_adapter_weights(ckpt):
     edit_weights(ckpt, lambda w: w[f"{ADAPTER}.bias"].fill_(0.25))
     model = dms.from_pretrained(str(ckpt))
     assert torch.equal(model.model.layers[1].self_attn.dms_adapter.proj.bias, torch.full((2,), 0.25))
+
+
+@pytest.mark.parametrize("model", [None, "Qwen/Qwen3-0.6B", torch.nn.Linear(2, 2)])
+def test_apply_rejects_what_is_not_a_causal_lm(model):
+    with pytest.raises(TypeError, match="expects a transformers"):
+        dms.apply(model)
+
+
+def test_apply_rejects_a_window_beyond_the_ring_limit():
+    from dms.config import MAX_WINDOW
+
+    with pytest.raises(DMSConfigError, match="dms_window_size"):
+        dms.apply(tiny_model("llama"), dms_window_size=MAX_WINDOW + 1)

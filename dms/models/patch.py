@@ -147,6 +147,8 @@ def install(model, dms_config: DMSConfig) -> None:
 def apply(model, **dms_config):
     """Make a plain Llama/Qwen2/Qwen3/Mistral ``*ForCausalLM`` a DMS model in place (and return it).
     Keyword arguments are the dms_* keys of dms.config.DMSConfig."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"dms.apply expects a transformers *ForCausalLM model, got {type(model).__name__}")
     check_supported(model.config)
     unknown = sorted(set(dms_config) - set(DMSConfig.keys()))
     if unknown:
