@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=512)
     p.add_argument("--mix", default=DEFAULT_MIX, help="task=weight,... (tasks of dms.tasks.TASKS)")
+    p.add_argument("--copy-warmup-steps", type=int, default=0,
+                   help="train on copy_list alone for the first N steps: it grows the induction heads fast")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
     p.add_argument("--start-len", type=int, default=128, help="longest prompt length at step 0")
     p.add_argument("--max-len", type=int, default=512, help="longest prompt length after the curriculum")
@@ -93,7 +95,7 @@ class Data:
     def __init__(self, args, tok):
         self.args, self.tok = args, tok
         self.mix = parse_mix(args.mix)
-        self.min_lens = {t: min_length(t) for t in self.mix}
+        self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
         self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
 
     def longest(self, step: int) -> int:
@@ -121,7 +123,8 @@ class Data:
         rng = random.Random(f"{self.args.seed}:{step}")
         length = rng.randint(self.args.min_len, max(self.args.min_len, self.longest(step)))
         rows = max(1, self.args.batch_tokens // length)
-        names, weights = zip(*self.mix.items())
+        mix = {"copy_list": 1.0} if step < self.args.copy_warmup_steps else self.mix
+        names, weights = zip(*mix.items())
         samples = []
         for _ in range(rows):
             task = rng.choices(names, weights)[0]

@@ -135,3 +135,19 @@ def test_copy_list_is_auxiliary_training_data():
         assert f"list : {s.target} ." in s.prompt and s.prompt.endswith(". repeat the list :")
         assert score("copy_list", s.target, s) == 1.0
     assert generate("copy_list", 8, 0).prompt == f"list : {generate('copy_list', 8, 0).target} . repeat the list :"
+
+
+def test_kv_recall_is_auxiliary_training_data_with_one_answer_per_query():
+    from dms.tasks import AUXILIARY
+
+    assert "kv_recall" in AUXILIARY and "kv_recall" not in TASKS
+    for length in (min_length("kv_recall"), 64, 300):
+        s = generate("kv_recall", length, 5)
+        assert count_tokens(s.prompt) == length and s.prompt.endswith("? answer :")
+        asked = s.prompt.split("question :")[1].split("?")[0].split(" , ")
+        assert [a.split()[0] for a in s.answers] == [k.strip() for k in asked]
+        for a in s.answers:  # each answer is a pair stated in the text
+            assert f"{a} ." in s.prompt
+        assert score("kv_recall", s.target, s) == 1.0
+    with pytest.raises(LengthTooSmall):
+        generate("kv_recall", min_length("kv_recall") - 1, 0)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from dms.tasks.generators import (LengthTooSmall, Sample, arith_trace, copy_list, count_tokens, cwe, niah_multikey,
-                                  niah_multiquery, niah_multivalue, niah_single, vt)
+from dms.tasks.generators import (LengthTooSmall, Sample, arith_trace, copy_list, count_tokens, cwe, kv_recall,
+                                  niah_multikey, niah_multiquery, niah_multivalue, niah_single, vt)
 
 TASKS: dict[str, Callable[..., Sample]] = {
     "niah_single": niah_single,
@@ -24,7 +24,7 @@ TASKS: dict[str, Callable[..., Sample]] = {
 }
 
 # Training-only data: generated and scored like a task, but not part of the benchmark.
-AUXILIARY: dict[str, Callable[..., Sample]] = {"copy_list": copy_list}
+AUXILIARY: dict[str, Callable[..., Sample]] = {"copy_list": copy_list, "kv_recall": kv_recall}
 
 
 def generate(task: str, length: int, seed: int, **options) -> Sample:

@@ -261,3 +261,24 @@ def copy_list(length: int, seed: int, min_items: int = 8, max_items: int = 40) -
     after = [w for s in sentences[cut:] for w in s]
     target = " ".join(items)
     return Sample("copy_list", length, seed, " ".join(before + opener + items + closer + after + question), target, (target,))
+
+
+def kv_recall(length: int, seed: int, min_pairs: int = 4, max_pairs: int = 12, queries: int = 4,
+              digits: int = 3) -> Sample:
+    """Dense multi-query associative recall: ``KEY is NUMBER .`` pairs spread through filler,
+    then several keys to look up. Not a benchmark task: training data that supervises the
+    "key -> multi-digit value" lookup every needle task needs, with many lookups per sample."""
+    rng = random.Random(f"kv_recall:{length}:{seed}")
+    question_cost = 3 + 2 * queries  # "question : k1 , ... kq ? answer :"
+    fits = (length - question_cost) // (3 + digits)
+    if fits < 1:
+        raise LengthTooSmall("kv_recall", length, question_cost + 3 + digits)
+    n = min(fits, rng.randint(min_pairs, max_pairs))
+    keys = rng.sample(KEYS, n)
+    values = [_number(rng, digits) for _ in keys]
+    asked = rng.sample(range(n), min(queries, n))
+    needles = [[k, "is", v, "."] for k, v in zip(keys, values)]
+    question = ["question", ":"] + " , ".join(keys[i] for i in asked).split() + ["?", "answer", ":"]
+    prompt, _ = _haystack("kv_recall", rng, length, [], needles, question)
+    answers = tuple(f"{keys[i]} is {values[i]}" for i in asked)
+    return Sample("kv_recall", length, seed, prompt, " ; ".join(answers), answers)
