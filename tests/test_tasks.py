@@ -151,3 +151,9 @@ def test_kv_recall_is_auxiliary_training_data_with_one_answer_per_query():
         assert score("kv_recall", s.target, s) == 1.0
     with pytest.raises(LengthTooSmall):
         generate("kv_recall", min_length("kv_recall") - 1, 0)
+
+
+@pytest.mark.parametrize("length", range(17, 90))
+def test_kv_recall_fills_every_length_exactly(length):
+    for seed in range(20):
+        assert count_tokens(generate("kv_recall", length, seed).prompt) == length

@@ -274,6 +274,8 @@ def kv_recall(length: int, seed: int, min_pairs: int = 4, max_pairs: int = 12, q
     if fits < 1:
         raise LengthTooSmall("kv_recall", length, question_cost + 3 + digits)
     n = min(fits, rng.randint(min_pairs, max_pairs))
+    while n > 1 and n * (3 + digits) + 2 * min(queries, n) + 4 > length:  # the question's exact size
+        n -= 1
     keys = rng.sample(KEYS, n)
     values = [_number(rng, digits) for _ in keys]
     asked = rng.sample(range(n), min(queries, n))
