@@ -2,6 +2,7 @@
 parameters train, teacher exactness, resume, errors and the CLI."""
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 
 from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
-from dms.train.data import DataError, pack
+from dms.train.data import DataError, one_per_row, pack
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
                             target_fraction)
 
@@ -80,6 +81,20 @@ def test_pack_left_pads_the_tail():
     ids, real = pack([[5, 6, 7], [8, 9]], seq_len=4, eos_id=2, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 2], [0, 8, 9, 2]]
     assert real.tolist() == [[True] * 4, [False, True, True, True]]
+
+
+def test_one_per_row_left_pads_each_document_and_refuses_long_ones():
+    ids, real = one_per_row([[5, 6, 7], [8, 9, 2]], seq_len=5, eos_id=2, pad_id=0)
+    assert ids.tolist() == [[0, 5, 6, 7, 2], [0, 0, 8, 9, 2]]
+    assert real.tolist() == [[False, True, True, True, True], [False, False, True, True, True]]
+    with pytest.raises(DataError, match="document 1 has 6 tokens"):
+        one_per_row([[5], [4, 4, 4, 4, 4]], seq_len=5, eos_id=2, pad_id=0)
+
+
+def test_unpacked_training_runs_on_left_padded_rows(tmp_path):
+    retrofit(tiny_model("llama"), **_options(tmp_path, variant="adapter", pack=False, seq_len=128, steps=2))
+    log = _log(tmp_path / "out")
+    assert len(log) == 2 and all(math.isfinite(r["kl"]) for r in log)
 
 
 # -- which parameters train, teacher exactness ---------------------------------------------

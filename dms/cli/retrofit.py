@@ -22,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="sequences per process and micro-batch")
     p.add_argument("--grad-accum", type=int, default=d["grad_accum"].default, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=d["seq_len"].default, help="tokens per training sequence")
+    p.add_argument("--no-pack", dest="pack", action="store_false",
+                   help="one document per sequence, left-padded to --seq-len, instead of packing documents "
+                        "back to back (for short self-contained samples such as dms.tasks prompts)")
     p.add_argument("--lr", type=float, default=d["lr"].default, help="peak learning rate (AdamW)")
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default, help="linear learning-rate warm-up")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)

@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int = 1
     grad_accum: int = 1
     seq_len: int = 1024
+    pack: bool = True  # False: one document per row, left-padded to seq_len (documents must fit)
     lr: float = 1e-4
     warmup_steps: int = 0
     weight_decay: float = 0.0

@@ -76,6 +76,25 @@ def pack(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_id: int):
     return ids.view(n, seq_len), real.view(n, seq_len)
 
 
+def one_per_row(docs: list[list[int]], seq_len: int, eos_id: int | None, pad_id: int):
+    """Like ``pack`` but each document (+ EOS) gets its own left-padded row, so no sequence mixes
+    documents; a document longer than ``seq_len`` is an error rather than silently cut."""
+    rows = [doc + [eos_id] if eos_id is not None and doc and doc[-1] != eos_id else doc for doc in docs]
+    rows = [r for r in rows if r]
+    if not rows:
+        raise DataError("the data files hold no tokens")
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+    if len(rows[longest]) > seq_len:
+        raise DataError(f"document {longest} has {len(rows[longest])} tokens (with EOS), more than "
+                        f"seq_len={seq_len}; raise seq_len or pack the documents")
+    ids = torch.full((len(rows), seq_len), pad_id, dtype=torch.long)
+    real = torch.zeros(len(rows), seq_len, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, seq_len - len(r):] = torch.tensor(r, dtype=torch.long)
+        real[i, seq_len - len(r):] = True
+    return ids, real
+
+
 class SampleStream:
     """Sample p of an endless stream = block perm_{p // N}[p % N]; perm_e seeded by (seed, e)."""
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from dms.attention.training import decision_mask
 from dms.train.config import SUPPORTED_ARCHS, TrainConfig
-from dms.train.data import SampleStream, pack, read_documents
+from dms.train.data import SampleStream, one_per_row, pack, read_documents
 from dms.train.loss import compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher
 
 STATE_FILE = "training_state.pt"
@@ -160,7 +160,7 @@ class Trainer:
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         self.eos = eos
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else (eos or 0)
-        ids, real = pack(read_documents(cfg.data, self.tokenizer), cfg.seq_len, eos, pad)
+        ids, real = (pack if cfg.pack else one_per_row)(read_documents(cfg.data, self.tokenizer), cfg.seq_len, eos, pad)
         self.stream = SampleStream(ids, real, cfg.seed)
 
         frozen_base = cfg.train_mode == "adapter-only"
