@@ -129,9 +129,9 @@ def test_copy_list_is_auxiliary_training_data():
     assert "copy_list" in AUXILIARY and "copy_list" not in TASKS
     for length in (8, 40, 300):
         s = generate("copy_list", length, 0)
-        items = s.target.split()
+        keys = [w for w in s.target.split() if not w.isdigit()]
         assert count_tokens(s.prompt) == length
-        assert len(set(items)) == len(items) >= 1
+        assert len(set(keys)) == len(keys) >= 1
         assert f"list : {s.target} ." in s.prompt and s.prompt.endswith(". repeat the list :")
         assert score("copy_list", s.target, s) == 1.0
     assert generate("copy_list", 8, 0).prompt == f"list : {generate('copy_list', 8, 0).target} . repeat the list :"

@@ -244,18 +244,29 @@ def arith_trace(length: int, seed: int, terms: int = 4) -> Sample:
 
 
 def copy_list(length: int, seed: int, min_items: int = 8, max_items: int = 40) -> Sample:
-    """Repeat a list of distinct key words that sits at a random depth in filler text. Not a
-    benchmark task: it is training data that makes every answer token a one-token in-context
-    copy (each item occurs once, so "find my previous occurrence, emit what followed" is
-    unambiguous), the induction circuit every retrieval task builds on."""
+    """Repeat a list of distinct key words, some followed by a number, that sits at a random
+    depth in filler text. Not a benchmark task: it is training data that makes every answer token
+    an in-context copy, the induction circuit every retrieval task builds on. A key occurs once,
+    so the token after it is an unambiguous one-token copy; a digit is not unique, so copying
+    past it needs the longer match that reading a multi-digit needle value needs too (a model
+    trained on key-only lists copied keys perfectly and still never retrieved a digit)."""
     rng = random.Random(f"copy_list:{length}:{seed}")
     opener, closer, question = ["list", ":"], ["."], ["repeat", "the", "list", ":"]
     room = length - len(opener) - len(closer) - len(question)
     if room < 1:
         raise LengthTooSmall("copy_list", length, length - room + 1)
-    n = min(room, rng.randint(min_items, min(max_items, len(KEYS))))
-    items = rng.sample(KEYS, n)
-    sentences = _filler(rng, room - n)
+    budget = min(room, rng.randint(min_items, max_items))  # tokens of the list
+    items, used = [], 0
+    for key in rng.sample(KEYS, len(KEYS)):
+        if used == budget:
+            break
+        items.append(key)
+        used += 1
+        digits = min(rng.choice((0, 0, 1, 2, 3)), budget - used)
+        if digits:
+            items.append(_number(rng, digits))
+            used += digits
+    sentences = _filler(rng, room - used)
     cut = rng.randint(0, len(sentences))
     before = [w for s in sentences[:cut] for w in s]
     after = [w for s in sentences[cut:] for w in s]
