@@ -42,3 +42,26 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     prompt = generate("niah_single", 80, 0).prompt
     assert tok.unk_token_id not in tok(prompt)["input_ids"]
     assert normalize(tok.decode(tok(prompt)["input_ids"], skip_special_tokens=True)) == normalize(prompt)
+
+
+def test_copy_warmup_batches_are_copy_lists_then_the_mix():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_base_model", SCRIPT)
+    tbm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tbm)
+    from dms.tasks.tokenizer import build_tokenizer
+
+    args = tbm.parse_args(["--out", "unused", "--mix", "niah_single=1,kv_recall=1", "--copy-warmup-steps", "3",
+                           "--min-len", "40", "--start-len", "60", "--batch-tokens", "600"])
+    tok = build_tokenizer()
+    data = tbm.Data(args, tok)
+    repeat = tok.encode("repeat the list :", add_special_tokens=False).ids
+
+    def copy_rows(step):
+        ids, _, target = data.batch(step)
+        rows = [r[:int(t.nonzero()[0])].tolist() for r, t in zip(ids, target)]
+        return [r[-len(repeat):] == repeat for r in rows]
+
+    assert all(copy_rows(0)) and all(copy_rows(2))
+    assert not any(copy_rows(3)) and not any(copy_rows(4))
