@@ -15,7 +15,7 @@ python "$ROOT/scripts/train_base_model.py" --out "$RUN/base" \
   --arch llama --layers 4 --hidden 128 --heads 4 --kv-heads 2 --intermediate 512 \
   --mix "niah_single=1,niah_multikey=1,niah_multivalue=1,niah_multiquery=1,vt=1,cwe=1,arith_trace=1,copy_list=2,kv_recall=3" \
   --copy-warmup-steps 800 --min-len 16 --start-len 64 --max-len 512 --curriculum-steps 12000 \
-  --batch-tokens 2048 --lr 3e-3 --warmup 300 --steps "${DMS_BASE_STEPS:-20000}" --decay-frac 0.1 \
+  --batch-tokens 2048 --lr 3e-3 --warmup 300 --steps "${DMS_BASE_STEPS:-16000}" --decay-frac 0.1 \
   --threads 1 --eval-every 500 --eval-samples 16 --eval-lengths 128,512 --final-eval
 
 python "$ROOT/scripts/make_retrofit_data.py" --out "$RUN/retrofit.jsonl" --samples 4000 --lengths 128 256 512
