@@ -389,7 +389,9 @@ class DMSCache(Cache):
                 layer.unusable = reason
 
     def stats(self) -> dict:
-        """Compression ratio (tokens seen / retained, mean over layer, batch row, KV head),
+        """Compression ratio (tokens seen / tokens retained, each summed over layer, batch row and
+        KV head: the ratio the memory sees; a mean of per-head ratios would let a few heads that
+        keep almost nothing overstate it),
         retained tokens per layer [B*H_kv], and bytes held (pool + index tensors)."""
         per = [layer.stats() for layer in self.layers if layer.is_initialized]
         if not per:
@@ -398,7 +400,7 @@ class DMSCache(Cache):
         seen = torch.stack([p["seen"] for p in per]).double()
         kept = torch.stack([p["retained"] for p in per]).double()
         ok = kept > 0
-        ratio = float((seen[ok] / kept[ok]).mean()) if ok.any() else 1.0
+        ratio = float(seen[ok].sum() / kept[ok].sum()) if ok.any() else 1.0
         return dict(
             compression_ratio=ratio,
             retained_per_layer=[p["retained"] for p in per],

@@ -216,7 +216,7 @@ class PolicyCache(Cache):
         return out.reshape(B, Hq, T, D)
 
     def read_ratio(self) -> float:
-        """Tokens seen / keys the last query read, mean over layer, batch row and KV head (for
+        """Tokens seen / keys the last query read, each summed over layer, batch row and KV head (for
         Quest, which keeps every token, the measure of its budget)."""
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers:
@@ -224,7 +224,7 @@ class PolicyCache(Cache):
         seen = torch.stack([layer.num_seen.double() for layer in layers])
         read = torch.stack([layer.read.double() for layer in layers])
         ok = read > 0
-        return float((seen[ok] / read[ok]).mean()) if ok.any() else 1.0
+        return float(seen[ok].sum() / read[ok].sum()) if ok.any() else 1.0
 
     # Same statistics as the DMS cache (tokens seen / retained per layer, batch row and KV head).
     stats = DMSCache.stats

@@ -63,7 +63,7 @@ class Row:
     ratio: float | None  # target compression ratio (None for vanilla)
     task: str
     accuracy: float
-    compression: float  # achieved: tokens seen / retained, mean over layers, rows, KV heads
+    compression: float  # achieved: tokens seen / retained, each summed over layers, rows, KV heads
     kv_bytes: float  # bytes of the retained K/V entries, mean per sample
     kv_pool_bytes: float  # bytes the cache held (pool + index tensors), mean per sample
     retained_per_head: float  # mean retained tokens per (layer, row, KV head)
