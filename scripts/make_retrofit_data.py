@@ -1,6 +1,7 @@
 """Writes DMS retrofit training data from the synthetic tasks: one JSONL line per sample,
-{"text": prompt + " " + target}, the format `dms retrofit --data` reads (tokenized with the
-model folder's tokenizer). Tasks take turns; lengths cycle through --lengths.
+{"prompt": ..., "completion": target}, a format `dms retrofit --data` reads (tokenized with the
+model folder's tokenizer; only the completion is distilled: the prompts are mostly filler whose
+next-token distribution no eviction changes). Tasks take turns; lengths cycle through --lengths.
 
     python scripts/make_retrofit_data.py --out runs/retrofit.jsonl --samples 4000 --lengths 128 256 512
 
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             task = args.tasks[i % len(args.tasks)]
             length = args.lengths[(i // len(args.tasks)) % len(args.lengths)]
             sample = generate(task, length, args.seed + i)
-            f.write(json.dumps({"text": f"{sample.prompt} {sample.target}"}) + "\n")
+            f.write(json.dumps({"prompt": sample.prompt, "completion": sample.target}) + "\n")
     print(f"wrote {args.samples} samples of {len(args.tasks)} tasks to {args.out}")
     return 0
 

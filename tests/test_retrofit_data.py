@@ -23,13 +23,17 @@ def test_samples_cover_every_task_and_tokenize_for_the_trainer(tmp_path):
     out = tmp_path / "retro.jsonl"
     n = 2 * len(TASKS)
     assert _script().main(["--out", str(out), "--samples", str(n), "--lengths", "128", "160"]) == 0
-    texts = [json.loads(line)["text"] for line in out.read_text().splitlines()]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    texts = [f"{r['prompt']} {r['completion']}" for r in records]
     assert len(texts) == n and len(set(texts)) == n
-    assert all(t.count("answer :") >= 1 for t in texts)
+    assert all(r["prompt"].endswith("answer :") or r["prompt"].endswith(" is") or r["prompt"].endswith(" are")
+               for r in records)
 
     save_tokenizer(tmp_path / "tok")
     tok = AutoTokenizer.from_pretrained(tmp_path / "tok")
     docs = read_documents([str(out)], tok)
     assert len(docs) == n
     assert normalize(tok.decode(docs[0], skip_special_tokens=True)) == normalize(texts[0])
+    completion = tok(records[0]["completion"], add_special_tokens=False)["input_ids"]
+    assert docs[0].distill_from == len(docs[0]) - len(completion)
     assert {len(d) for d in docs[: len(TASKS)]} != {len(d) for d in docs[len(TASKS):]}  # both lengths used

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
-from dms.train.data import DataError, one_per_row, pack
+from dms.train.data import DataError, Document, one_per_row, pack, read_documents
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
                             target_fraction)
 
@@ -78,15 +78,21 @@ def test_kl_matches_direct_formula(chunk):
 
 
 def test_pack_left_pads_the_tail():
-    ids, real = pack([[5, 6, 7], [8, 9]], seq_len=4, eos_id=2, pad_id=0)
+    ids, real, distilled = pack([[5, 6, 7], [8, 9]], seq_len=4, eos_id=2, pad_id=0)
     assert ids.tolist() == [[5, 6, 7, 2], [0, 8, 9, 2]]
     assert real.tolist() == [[True] * 4, [False, True, True, True]]
+    assert distilled[real].all()
 
 
 def test_one_per_row_left_pads_each_document_and_refuses_long_ones():
-    ids, real = one_per_row([[5, 6, 7], [8, 9, 2]], seq_len=5, eos_id=2, pad_id=0)
+    ids, real, distilled = one_per_row([[5, 6, 7], [8, 9, 2]], seq_len=5, eos_id=2, pad_id=0)
     assert ids.tolist() == [[0, 5, 6, 7, 2], [0, 0, 8, 9, 2]]
     assert real.tolist() == [[False, True, True, True, True], [False, False, True, True, True]]
+    assert distilled.tolist() == real.tolist()
+    # prompt [8, 9], completion [7]: distilled are the positions predicting 7 and the EOS
+    ids, _, distilled = one_per_row([Document([8, 9, 7], distill_from=2)], seq_len=5, eos_id=2, pad_id=0)
+    assert ids.tolist() == [[0, 8, 9, 7, 2]]
+    assert distilled.tolist() == [[False, False, True, True, True]]
     with pytest.raises(DataError, match="document 1 has 6 tokens"):
         one_per_row([[5], [4, 4, 4, 4, 4]], seq_len=5, eos_id=2, pad_id=0)
 
@@ -253,3 +259,18 @@ def test_cli_on_text_data_writes_a_loadable_dms_model(tmp_path):
     assert (out / "tokenizer.json").is_file() and len(_log(out)) == 2
     loaded = dms.from_pretrained(str(out))
     assert loaded.config.dms_window_size == 2 and loaded.config.dms_cr == 2.0
+
+
+def test_prompt_completion_records_distil_only_the_completion(tmp_path):
+    tok = _tokenizer()
+    path = tmp_path / "pc.jsonl"
+    path.write_text(json.dumps({"prompt": "the cat sat", "completion": "on the mat"}) + "\n")
+    (doc,) = read_documents([str(path)], tok)
+    prompt = tok("the cat sat")["input_ids"]
+    assert list(doc) == prompt + tok("on the mat", add_special_tokens=False)["input_ids"]
+    assert doc.distilled() == [t + 1 >= len(prompt) for t in range(len(doc))]
+    for bad, match in [({"prompt": "the cat"}, "expected a JSON object"), ({"prompt": "a", "completion": 3}, "strings"),
+                       ({"prompt": "a", "completion": ""}, "no tokens")]:
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=match):
+            read_documents([str(path)], tok)

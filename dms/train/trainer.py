@@ -8,7 +8,8 @@ frozen base only those rows train (gradient masking) and the teacher runs with t
 values swapped in, so it stays exactly the plain model.
 
 Loss per micro-batch: KL(student || teacher) averaged over real positions other than EOS (after
-an EOS comes an unrelated packed document), + compression_weight * max(0, target - evicted
+an EOS comes an unrelated packed document; of a prompt + completion document, only the positions
+that predict the completion), + compression_weight * max(0, target - evicted
 fraction), the fraction over every layer, KV head and decision that has a target token.
 
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
@@ -160,8 +161,8 @@ class Trainer:
         eos = eos[0] if isinstance(eos, (list, tuple)) else eos
         self.eos = eos
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else (eos or 0)
-        ids, real = (pack if cfg.pack else one_per_row)(read_documents(cfg.data, self.tokenizer), cfg.seq_len, eos, pad)
-        self.stream = SampleStream(ids, real, cfg.seed)
+        blocks = (pack if cfg.pack else one_per_row)(read_documents(cfg.data, self.tokenizer), cfg.seq_len, eos, pad)
+        self.stream = SampleStream(*blocks, cfg.seed)
 
         frozen_base = cfg.train_mode == "adapter-only"
         self.teacher = None if frozen_base else copy.deepcopy(base).eval().requires_grad_(False).to(self.device)
@@ -245,14 +246,13 @@ class Trainer:
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         for m in range(cfg.grad_accum):
             first = self.samples + (m * self.world + self.rank) * cfg.batch_size
-            ids, real = self.stream.batch(range(first, first + cfg.batch_size))
-            ids, real = ids.to(self.device), real.to(self.device)
+            ids, real, distilled = (t.to(self.device) for t in self.stream.batch(range(first, first + cfg.batch_size)))
             padded = not bool(real.all())
             attention_mask = real.long() if padded else None
             position_ids = (real.long().cumsum(-1) - 1).clamp(min=0)
             teacher_h = self.teacher_hidden(ids, attention_mask, position_ids)
             # What follows an EOS is the start of an unrelated packed document: not distilled.
-            kl_mask = real if self.eos is None else real & (ids != self.eos)
+            kl_mask = real & distilled if self.eos is None else real & distilled & (ids != self.eos)
             sync = m == cfg.grad_accum - 1 or not isinstance(self.student, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.student.no_sync():
                 kl, fraction = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head)
