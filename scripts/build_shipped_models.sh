@@ -22,7 +22,7 @@ python "$ROOT/scripts/make_retrofit_data.py" --out "$RUN/retrofit.jsonl" --sampl
 for r in 4 8; do
   [ -f "$RUN/dms-${r}x/config.json" ] || dms retrofit "$RUN/base/final" --data "$RUN/retrofit.jsonl" \
     --output-dir "$RUN/dms-${r}x" --target-cr "$r" --window 16 --steps 600 --ramp-steps 400 \
-    --batch-size 4 --seq-len 640 --no-pack --lr 1e-2 --warmup-steps 30 --variant adapter --train-mode adapter-only
+    --batch-size 4 --seq-len 640 --no-pack --lr 1e-3 --warmup-steps 30 --variant adapter --train-mode adapter-only
 done
 
 rm -rf "$ASSETS" && mkdir -p "$ASSETS"
