@@ -25,7 +25,8 @@ for r in 4 8; do
     --batch-size 4 --seq-len 640 --no-pack --lr 1e-3 --warmup-steps 30 --variant adapter --train-mode adapter-only
 done
 
-rm -rf "$ASSETS" && mkdir -p "$ASSETS"
+# Only the model folders are replaced: dms/assets/README.md (the model card) is kept.
+rm -rf "$ASSETS/base" "$ASSETS/dms-4x" "$ASSETS/dms-8x"
 cp -r "$RUN/base/final" "$ASSETS/base"
 for r in 4 8; do
   mkdir -p "$ASSETS/dms-${r}x"
