@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import matplotlib
 
@@ -21,18 +22,16 @@ from dms.tasks import TASKS  # noqa: E402
 def read_evals(paths: list[str], until: int | None) -> tuple[dict[int, dict[str, float]], list[int]]:
     """step -> eval record; a later log overrides earlier ones from its first step on."""
     evals: dict[int, dict[str, float]] = {}
-    starts = []
-    for path in paths:
-        records = [json.loads(line) for line in open(path, encoding="utf-8")]
-        phase = [r for r in records if "eval" in r and (until is None or r["step"] <= until)]
-        first = min((r["step"] for r in records if r.get("event") == "start"), default=0)
-        if starts:
+    starts: list[int] = []
+    for i, path in enumerate(paths):
+        records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+        if i:
+            first = min((r["step"] for r in records if r.get("event") == "start"), default=0)
             starts.append(first)
             evals = {s: e for s, e in evals.items() if s <= first}
-        else:
-            starts.append(0)
-        evals.update({r["step"]: r["eval"] for r in phase})
-    return evals, starts[1:]
+        evals.update({r["step"]: r["eval"] for r in records
+                      if "eval" in r and (until is None or r["step"] <= until)})
+    return evals, starts
 
 
 def main(argv=None) -> int:
