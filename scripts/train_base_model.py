@@ -16,6 +16,7 @@ runs real greedy generation scored with dms.tasks.score.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dms.tasks import AUXILIARY, TASKS, generate, min_length, score
+from dms.tasks import AUXILIARY, TASKS, Sample, generate, min_length, score
 from dms.tasks.tokenizer import BOS, EOS, PAD, build_tokenizer, save_tokenizer
 
 DEFAULT_MIX = "niah_single=1,niah_multikey=1,niah_multivalue=1,niah_multiquery=1,vt=1,cwe=1,arith_trace=1"
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--mix", default=DEFAULT_MIX, help="task=weight,... (tasks of dms.tasks.TASKS)")
     p.add_argument("--copy-warmup-steps", type=int, default=0,
                    help="train on copy_list alone for the first N steps: it grows the induction heads fast")
+    p.add_argument("--shuffle-answers", default="",
+                   help="comma-separated tasks whose answers are trained in a random order (see shuffled)")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
     p.add_argument("--start-len", type=int, default=128, help="longest prompt length at step 0")
     p.add_argument("--max-len", type=int, default=512, help="longest prompt length after the curriculum")
@@ -77,6 +80,15 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def shuffled(sample: Sample, rng: random.Random) -> Sample:
+    """The sample with its answers in a random order. For a set-valued answer the score ignores
+    order, and a fixed order the model cannot compute (cwe lists the common words by first
+    appearance) only trains it to guess which one comes first instead of which ones are common."""
+    if sample.target != " , ".join(sample.answers):
+        raise ValueError(f"{sample.task}: the target is not the list of answers; cannot shuffle it")
+    return dataclasses.replace(sample, target=" , ".join(rng.sample(sample.answers, len(sample.answers))))
+
+
 def build_model(args, vocab_size: int, ids: dict[str, int]):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
@@ -95,6 +107,9 @@ class Data:
     def __init__(self, args, tok):
         self.args, self.tok = args, tok
         self.mix = parse_mix(args.mix)
+        self.shuffle = {t for t in args.shuffle_answers.split(",") if t}
+        if not self.shuffle <= set(TASKS):
+            raise ValueError(f"--shuffle-answers: unknown tasks {sorted(self.shuffle - set(TASKS))}")
         self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
         self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
 
@@ -128,7 +143,8 @@ class Data:
         samples = []
         for _ in range(rows):
             task = rng.choices(names, weights)[0]
-            samples.append(generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31)))
+            sample = generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31))
+            samples.append(shuffled(sample, rng) if task in self.shuffle else sample)
         return self.encode(samples)
 
 

@@ -44,6 +44,14 @@ def test_curriculum_hand_computed():
     assert compression_ratio_at(100, 8.0, 100) == 8.0
     assert compression_ratio_at(250, 8.0, 100) == 8.0
     assert compression_ratio_at(0, 8.0, 0) == 8.0
+
+
+def test_lr_schedule_hand_computed(tmp_path):
+    cfg = TrainConfig(**_options(tmp_path, steps=10, lr=1.0, warmup_steps=2, decay_steps=4))
+    assert [cfg.lr_at(s) for s in range(10)] == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    assert TrainConfig(**_options(tmp_path, steps=3, lr=2.0)).lr_at(2) == 2.0
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(**_options(tmp_path, steps=3, decay_steps=4))
     assert target_fraction(25, 5.0, 100) == pytest.approx(1 - 1 / 2.0)
     assert target_fraction(0, 5.0, 100) == 0.0
 

@@ -27,6 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "back to back (for short self-contained samples such as dms.tasks prompts)")
     p.add_argument("--lr", type=float, default=d["lr"].default, help="peak learning rate (AdamW)")
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default, help="linear learning-rate warm-up")
+    p.add_argument("--decay-steps", type=int, default=d["decay_steps"].default,
+                   help="final steps over which the learning rate falls linearly to 0 (0 = constant)")
     p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default)
     p.add_argument("--grad-clip", type=float, default=d["grad_clip"].default, help="max gradient norm (0 = off)")
     p.add_argument("--train-mode", choices=TRAIN_MODES, default=d["train_mode"].default,

@@ -26,6 +26,7 @@ class TrainConfig:
     pack: bool = True  # False: one document per row, left-padded to seq_len (documents must fit)
     lr: float = 1e-4
     warmup_steps: int = 0
+    decay_steps: int = 0  # final steps over which the lr falls linearly to 0 (0 = constant to the end)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     train_mode: str = "adapter-only"
@@ -56,6 +57,7 @@ class TrainConfig:
             ("seq_len", self.seq_len >= 2, "an int >= 2"),
             ("lr", self.lr > 0, "a number > 0"),
             ("warmup_steps", self.warmup_steps >= 0, "an int >= 0"),
+            ("decay_steps", 0 <= self.decay_steps <= self.steps, "an int in [0, steps]"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
             ("grad_clip", self.grad_clip >= 0, "a number >= 0 (0 = no clipping)"),
             ("train_mode", self.train_mode in TRAIN_MODES, f"one of {TRAIN_MODES}"),
@@ -77,6 +79,13 @@ class TrainConfig:
     @property
     def ramp(self) -> int:
         return self.steps if self.ramp_steps is None else self.ramp_steps
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based): linear warm-up, constant, then a
+        linear decay over the last ``decay_steps`` that ends one step short of 0."""
+        warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        decay = min(1.0, (self.steps - step) / self.decay_steps) if self.decay_steps else 1.0
+        return self.lr * min(warm, decay)
 
     def dms_kwargs(self) -> dict:
         """The dms_* keys handed to ``dms.apply``."""

@@ -237,7 +237,7 @@ class Trainer:
         cfg, t0 = self.cfg, time.perf_counter()
         cr = compression_ratio_at(self.step, cfg.target_cr, cfg.ramp)
         target_frac = 1.0 - 1.0 / cr
-        lr = cfg.lr * min(1.0, (self.step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+        lr = cfg.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
