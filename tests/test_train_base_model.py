@@ -44,12 +44,33 @@ def test_stop_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert normalize(tok.decode(tok(prompt)["input_ids"], skip_special_tokens=True)) == normalize(prompt)
 
 
-def test_copy_warmup_batches_are_copy_lists_then_the_mix():
+def _script_module():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_base_model", SCRIPT)
     tbm = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tbm)
+    return tbm
+
+
+def test_shuffled_answers_keep_the_set_and_vary_the_order():
+    import random
+
+    import pytest
+
+    tbm = _script_module()
+    sample = generate("cwe", 128, 7)
+    orders = {tbm.shuffled(sample, random.Random(i)).target for i in range(20)}
+    assert len(orders) > 1
+    assert all(sorted(o.split(" , ")) == sorted(sample.answers) for o in orders)
+    with pytest.raises(ValueError, match="not the list of answers"):
+        tbm.shuffled(generate("arith_trace", 128, 7), random.Random(0))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        tbm.Data(tbm.parse_args(["--out", "unused", "--shuffle-answers", "cwe,nope"]), None)
+
+
+def test_copy_warmup_batches_are_copy_lists_then_the_mix():
+    tbm = _script_module()
     from dms.tasks.tokenizer import build_tokenizer
 
     args = tbm.parse_args(["--out", "unused", "--mix", "niah_single=1,kv_recall=1", "--copy-warmup-steps", "3",
