@@ -1,5 +1,5 @@
-"""Runs in an environment holding only torch and the built dms wheel (no transformers): the
-operators load, from `import dms` and, as another engine would, from the bare shared library."""
+"""Runs in an environment where dms comes only from the built wheel: the operators load, from
+`import dms` and, as another engine would, from the bare shared library."""
 import glob
 import os
 import subprocess
@@ -10,6 +10,8 @@ import torch
 
 import dms
 
+assert os.path.realpath(dms.__file__).startswith(os.path.realpath(sys.prefix)), (
+    f"dms imported from {dms.__file__}, not from the wheel installed in {sys.prefix}")
 assert "transformers" not in sys.modules, "import dms must not pull in transformers"
 x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
 keep = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
