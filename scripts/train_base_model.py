@@ -46,6 +46,9 @@ def parse_args(argv=None):
                    help="train on copy_list alone for the first N steps: it grows the induction heads fast")
     p.add_argument("--shuffle-answers", default="",
                    help="comma-separated tasks whose answers are trained in a random order (see shuffled)")
+    p.add_argument("--cwe-uncommon", choices=("even", "random"), default="even",
+                   help="training draw of cwe's uncommon words (dms.tasks.cwe); 'random' reproduces "
+                        "the shipped base's early phases")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
     p.add_argument("--start-len", type=int, default=128, help="longest prompt length at step 0")
     p.add_argument("--max-len", type=int, default=512, help="longest prompt length after the curriculum")
@@ -110,6 +113,7 @@ class Data:
         self.shuffle = {t for t in args.shuffle_answers.split(",") if t}
         if not self.shuffle <= set(TASKS):
             raise ValueError(f"--shuffle-answers: unknown tasks {sorted(self.shuffle - set(TASKS))}")
+        self.options = {"cwe": {"uncommon": args.cwe_uncommon}}
         self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
         self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
 
@@ -143,7 +147,8 @@ class Data:
         samples = []
         for _ in range(rows):
             task = rng.choices(names, weights)[0]
-            sample = generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31))
+            sample = generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31),
+                              **self.options.get(task, {}))
             samples.append(shuffled(sample, rng) if task in self.shuffle else sample)
         return self.encode(samples)
 

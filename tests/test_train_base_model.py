@@ -86,3 +86,20 @@ def test_copy_warmup_batches_are_copy_lists_then_the_mix():
 
     assert all(copy_rows(0)) and all(copy_rows(2))
     assert not any(copy_rows(3)) and not any(copy_rows(4))
+
+
+def test_cwe_uncommon_option_reaches_the_batches():
+    tbm = _script_module()
+    from dms.tasks.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    common = ["--out", "unused", "--mix", "cwe=1", "--min-len", "128", "--start-len", "128", "--batch-tokens", "512"]
+    batches = {mode: tbm.Data(tbm.parse_args(common + ["--cwe-uncommon", mode]), tok).batch(5)[0]
+               for mode in ("even", "random")}
+    spread = {}
+    for mode, ids in batches.items():
+        text = tok.decode(ids[0].tolist())
+        words = text.split("list :")[1].split("question")[0].split()
+        counts = sorted(words.count(w) for w in set(words))
+        spread[mode] = counts[-4] - counts[0]  # among the uncommon words (all but the top 3)
+    assert spread["even"] <= 1 < spread["random"]

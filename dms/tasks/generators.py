@@ -187,10 +187,14 @@ def vt(length: int, seed: int, hops: int = 3, chains: int = 2, digits: int = 3) 
     return Sample("vt", length, seed, prompt, " , ".join(answers), answers)
 
 
-def cwe(length: int, seed: int, common: int = 3, ratio: int = 8) -> Sample:
+def cwe(length: int, seed: int, common: int = 3, ratio: int = 8, uncommon: str = "even") -> Sample:
     """Common word extraction: a list of words where ``common`` words each occur about
-    ``ratio`` times as often as the others; asks for the common ones (in order of first
-    appearance)."""
+    ``ratio`` times as often as each of the others; asks for the common ones (in order of first
+    appearance). As in RULER, every uncommon word occurs the same number of times (give or
+    take one), so the answer is never decided by a rare word drawn unusually often.
+    ``uncommon="random"`` draws the uncommon words independently instead (up to one short of a
+    common word's count), the generator before this rule; the shipped base model's early training
+    phases used it, so scripts/build_shipped_models.sh needs it to reproduce that model."""
     rng = random.Random(f"cwe:{length}:{seed}")
     header = ["list", ":"]
     question = ["question", ":", "what", "are", "the", "most", "common", "words", "in", "the", "list",
@@ -204,10 +208,18 @@ def cwe(length: int, seed: int, common: int = 3, ratio: int = 8) -> Sample:
         raise LengthTooSmall("cwe", length, minimum)
     n = length - fixed
     per_common = n * ratio // (common * ratio + len(rest))
-    while True:  # re-draw until no rare word reaches a common word's count
-        rare = [rng.choice(rest) for _ in range(n - common * per_common)]
-        if max((rare.count(w) for w in set(rare)), default=0) < per_common:
-            break
+    rare_total = n - common * per_common
+    if uncommon == "even":
+        if -(-rare_total // len(rest)) >= per_common:
+            raise ValueError(f"cwe: ratio {ratio} leaves uncommon words as frequent as common ones")
+        rare = [rest[i % len(rest)] for i in range(rare_total)]  # rest is shuffled: the +1s fall at random
+    elif uncommon == "random":
+        while True:  # re-draw until no uncommon word reaches a common word's count
+            rare = [rng.choice(rest) for _ in range(rare_total)]
+            if max((rare.count(w) for w in set(rare)), default=0) < per_common:
+                break
+    else:
+        raise ValueError(f"cwe: uncommon must be 'even' or 'random', not {uncommon!r}")
     items = [w for w in top for _ in range(per_common)] + rare
     rng.shuffle(items)
     answers = tuple(sorted(top, key=items.index))
