@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512], help="prompt tokens")
     p.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     p.add_argument("--seed", type=int, default=2 * 10 ** 9)
+    p.add_argument("--cwe-uncommon", choices=("even", "random"), default="even",
+                   help="draw of cwe's uncommon words (dms.tasks.cwe); 'random' reproduces the shipped retrofits' data")
     args = p.parse_args(argv)
     if args.samples < 1:
         p.error("--samples must be >= 1")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in tqdm(range(args.samples), desc="samples", unit="sample"):
             task = args.tasks[i % len(args.tasks)]
             length = args.lengths[(i // len(args.tasks)) % len(args.lengths)]
-            sample = generate(task, length, args.seed + i)
+            sample = generate(task, length, args.seed + i, **({"uncommon": args.cwe_uncommon} if task == "cwe" else {}))
             f.write(json.dumps({"prompt": sample.prompt, "completion": sample.target}) + "\n")
     print(f"wrote {args.samples} samples of {len(args.tasks)} tasks to {args.out}")
     return 0

@@ -37,3 +37,16 @@ def test_samples_cover_every_task_and_tokenize_for_the_trainer(tmp_path):
     completion = tok(records[0]["completion"], add_special_tokens=False)["input_ids"]
     assert docs[0].distill_from == len(docs[0]) - len(completion)
     assert {len(d) for d in docs[: len(TASKS)]} != {len(d) for d in docs[len(TASKS):]}  # both lengths used
+
+
+def test_cwe_uncommon_option_changes_only_the_cwe_samples(tmp_path):
+    n = 2 * len(TASKS)
+    files = {}
+    for mode in ("even", "random"):
+        files[mode] = tmp_path / f"{mode}.jsonl"
+        assert _script().main(["--out", str(files[mode]), "--samples", str(n), "--lengths", "128",
+                               "--cwe-uncommon", mode]) == 0
+    even, rand = ([json.loads(line) for line in files[m].read_text().splitlines()] for m in ("even", "random"))
+    tasks = sorted(TASKS)
+    changed = {tasks[i % len(tasks)] for i, (a, b) in enumerate(zip(even, rand)) if a != b}
+    assert changed == {"cwe"}
