@@ -17,7 +17,7 @@ import sys
 
 from tqdm import tqdm
 
-from dms.tasks import TASKS, generate, min_length
+from dms.tasks import CWE_UNCOMMON, TASKS, generate, min_length
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512], help="prompt tokens")
     p.add_argument("--tasks", nargs="+", default=sorted(TASKS), choices=sorted(TASKS))
     p.add_argument("--seed", type=int, default=2 * 10 ** 9)
-    p.add_argument("--cwe-uncommon", choices=("even", "random"), default="even",
+    p.add_argument("--cwe-uncommon", choices=CWE_UNCOMMON, default="even",
                    help="draw of cwe's uncommon words (dms.tasks.cwe); 'random' reproduces the shipped retrofits' data")
     args = p.parse_args(argv)
     if args.samples < 1:
@@ -37,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         if min(args.lengths) < shortest:
             p.error(f"task {task} needs prompts of at least {shortest} tokens; got --lengths {args.lengths}")
 
+    options = {"cwe": {"uncommon": args.cwe_uncommon}}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as f:
         for i in tqdm(range(args.samples), desc="samples", unit="sample"):
             task = args.tasks[i % len(args.tasks)]
             length = args.lengths[(i // len(args.tasks)) % len(args.lengths)]
-            sample = generate(task, length, args.seed + i, **({"uncommon": args.cwe_uncommon} if task == "cwe" else {}))
+            sample = generate(task, length, args.seed + i, **options.get(task, {}))
             f.write(json.dumps({"prompt": sample.prompt, "completion": sample.target}) + "\n")
     print(f"wrote {args.samples} samples of {len(args.tasks)} tasks to {args.out}")
     return 0

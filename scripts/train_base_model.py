@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dms.tasks import AUXILIARY, TASKS, Sample, generate, min_length, score
+from dms.tasks import AUXILIARY, CWE_UNCOMMON, TASKS, Sample, generate, min_length, score
 from dms.tasks.tokenizer import BOS, EOS, PAD, build_tokenizer, save_tokenizer
 
 DEFAULT_MIX = "niah_single=1,niah_multikey=1,niah_multivalue=1,niah_multiquery=1,vt=1,cwe=1,arith_trace=1"
@@ -46,7 +46,7 @@ def parse_args(argv=None):
                    help="train on copy_list alone for the first N steps: it grows the induction heads fast")
     p.add_argument("--shuffle-answers", default="",
                    help="comma-separated tasks whose answers are trained in a random order (see shuffled)")
-    p.add_argument("--cwe-uncommon", choices=("even", "random"), default="even",
+    p.add_argument("--cwe-uncommon", choices=CWE_UNCOMMON, default="even",
                    help="training draw of cwe's uncommon words (dms.tasks.cwe); 'random' reproduces "
                         "the shipped base's early phases")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")

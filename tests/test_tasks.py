@@ -65,10 +65,14 @@ def test_vt_chain_resolves_to_the_asked_value():
     assert len(s.answers) == 5
 
 
+def _cwe_counts(sample):
+    words = sample.prompt.split(":")[1].split()[:-1]  # the list, without the trailing "question"
+    return {w: words.count(w) for w in set(words)}
+
+
 def test_cwe_answers_are_the_most_frequent():
     s = generate("cwe", 300, 4)
-    words = s.prompt.split(":")[1].split()[:-1]  # the list, without the trailing "question"
-    counts = {w: words.count(w) for w in set(words)}
+    counts = _cwe_counts(s)
     top = sorted(counts, key=counts.get, reverse=True)[:3]
     assert set(top) == set(s.answers)
     assert min(counts[a] for a in s.answers) > max(c for w, c in counts.items() if w not in s.answers)
@@ -77,8 +81,7 @@ def test_cwe_answers_are_the_most_frequent():
 @pytest.mark.parametrize("length", (100, 128, 512))
 def test_cwe_uncommon_words_occur_evenly(length):
     s = generate("cwe", length, 3)
-    words = s.prompt.split(":")[1].split()[:-1]
-    counts = {w: words.count(w) for w in set(words)}
+    counts = _cwe_counts(s)
     uncommon = [c for w, c in counts.items() if w not in s.answers]
     assert max(uncommon) - min(uncommon) <= 1
     mean_uncommon = sum(uncommon) / len(uncommon)

@@ -44,6 +44,8 @@ def test_curriculum_hand_computed():
     assert compression_ratio_at(100, 8.0, 100) == 8.0
     assert compression_ratio_at(250, 8.0, 100) == 8.0
     assert compression_ratio_at(0, 8.0, 0) == 8.0
+    assert target_fraction(25, 5.0, 100) == pytest.approx(1 - 1 / 2.0)
+    assert target_fraction(0, 5.0, 100) == 0.0
 
 
 def test_lr_schedule_hand_computed(tmp_path):
@@ -52,8 +54,6 @@ def test_lr_schedule_hand_computed(tmp_path):
     assert TrainConfig(**_options(tmp_path, steps=3, lr=2.0)).lr_at(2) == 2.0
     with pytest.raises(ValueError, match="decay_steps"):
         TrainConfig(**_options(tmp_path, steps=3, decay_steps=4))
-    assert target_fraction(25, 5.0, 100) == pytest.approx(1 - 1 / 2.0)
-    assert target_fraction(0, 5.0, 100) == 0.0
 
 
 def test_compression_terms_hand_computed():

@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from dms.tasks.generators import (LengthTooSmall, Sample, arith_trace, copy_list, count_tokens, cwe, kv_recall,
-                                  niah_multikey, niah_multiquery, niah_multivalue, niah_single, vt)
+from dms.tasks.generators import (CWE_UNCOMMON, LengthTooSmall, Sample, arith_trace, copy_list, count_tokens, cwe,
+                                  kv_recall, niah_multikey, niah_multiquery, niah_multivalue, niah_single, vt)
 
 TASKS: dict[str, Callable[..., Sample]] = {
     "niah_single": niah_single,
@@ -59,4 +59,4 @@ def score(task: str, generation: str, sample: Sample) -> float:
     return hits / len(sample.answers)
 
 
-__all__ = ["TASKS", "AUXILIARY", "Sample", "LengthTooSmall", "generate", "min_length", "score", "normalize", "count_tokens"]
+__all__ = ["TASKS", "AUXILIARY", "CWE_UNCOMMON", "Sample", "LengthTooSmall", "generate", "min_length", "score", "normalize", "count_tokens"]

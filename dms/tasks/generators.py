@@ -187,6 +187,9 @@ def vt(length: int, seed: int, hops: int = 3, chains: int = 2, digits: int = 3) 
     return Sample("vt", length, seed, prompt, " , ".join(answers), answers)
 
 
+CWE_UNCOMMON = ("even", "random")  # ways cwe draws its uncommon words; see cwe
+
+
 def cwe(length: int, seed: int, common: int = 3, ratio: int = 8, uncommon: str = "even") -> Sample:
     """Common word extraction: a list of words where ``common`` words each occur about
     ``ratio`` times as often as each of the others; asks for the common ones (in order of first
@@ -219,7 +222,7 @@ def cwe(length: int, seed: int, common: int = 3, ratio: int = 8, uncommon: str =
             if max((rare.count(w) for w in set(rare)), default=0) < per_common:
                 break
     else:
-        raise ValueError(f"cwe: uncommon must be 'even' or 'random', not {uncommon!r}")
+        raise ValueError(f"cwe: uncommon must be one of {CWE_UNCOMMON}, not {uncommon!r}")
     items = [w for w in top for _ in range(per_common)] + rare
     rng.shuffle(items)
     answers = tuple(sorted(top, key=items.index))
