@@ -8,8 +8,9 @@ Outputs in OUT: log.jsonl (train and eval records), progress.txt (latest progres
 model/ (latest evaluated model: save_pretrained safetensors + tokenizer), final/ at the end.
 
 Periodic evaluation is teacher-forced exact match: the fraction of samples whose every target
-token is the argmax, which is exactly when greedy decoding reproduces the target. --final-eval
-runs real greedy generation scored with dms.tasks.score.
+token is the argmax, which is exactly when greedy decoding reproduces the target. Tasks trained
+with --shuffle-answers have no single gold order, so they are scored on greedy generation with
+dms.tasks.score instead, as --final-eval scores every task.
 
     python scripts/train_base_model.py --out /work/runs/base
 """
@@ -174,16 +175,36 @@ EVAL_SEED = 10 ** 9  # evaluation samples use seeds the training stream practica
 
 
 @torch.no_grad()
+def greedy_score(model, data: Data, samples: list[Sample]) -> float:
+    """Mean dms.tasks.score of greedy generations; the prompts have equal lengths (no padding)."""
+    prompts = data.tok.encode_batch([s.prompt for s in samples], add_special_tokens=False)
+    ids = torch.tensor([[data.bos] + p.ids for p in prompts])
+    new = max(len(t.ids) for t in data.tok.encode_batch([s.target for s in samples], add_special_tokens=False)) + 4
+    gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
+                         eos_token_id=data.eos, pad_token_id=data.pad)
+    texts = data.tok.decode_batch(gen[:, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    return round(sum(score(s.task, t, s) for t, s in zip(texts, samples)) / len(samples), 3)
+
+
+def eval_samples(task: str, length: int, args) -> list[Sample]:
+    return [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
+
+
+@torch.no_grad()
 def evaluate(model, data: Data, args) -> dict[str, float]:
     """Teacher-forced exact match per task@length (== greedy decoding reproduces the target),
-    and per-token accuracy on the target (task@length:tok), which moves before exact match."""
+    and per-token accuracy on the target (task@length:tok), which moves before exact match.
+    Tasks in --shuffle-answers get the greedy generation score alone."""
     model.eval()
     out = {}
     for length in (int(x) for x in args.eval_lengths.split(",")):
         for task in data.mix:
             if length < data.min_lens[task]:
                 continue
-            samples = [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
+            samples = eval_samples(task, length, args)
+            if task in data.shuffle:
+                out[f"{task}@{length}"] = greedy_score(model, data, samples)
+                continue
             ids, _, target = data.encode(samples)
             pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
             hit, t = pred == ids[:, 1:], target[:, 1:]
@@ -194,21 +215,12 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
 
 
 @torch.no_grad()
-def generation_eval(model, hf_tok, args) -> dict[str, float]:
+def generation_eval(model, data: Data, args) -> dict[str, float]:
     """Greedy generation scored with dms.tasks.score, per task@length."""
     model.eval()
-    out = {}
-    for length in (int(x) for x in args.eval_lengths.split(",")):
-        for task in parse_mix(args.mix):
-            if length < min_length(task):
-                continue
-            samples = [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
-            enc = hf_tok([s.prompt for s in samples], return_tensors="pt")  # equal lengths: no padding
-            new = max(len(hf_tok(s.target, add_special_tokens=False).input_ids) for s in samples) + 4
-            gen = model.generate(**enc, max_new_tokens=new, do_sample=False, eos_token_id=hf_tok.eos_token_id,
-                                 pad_token_id=hf_tok.pad_token_id)
-            texts = hf_tok.batch_decode(gen[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-            out[f"{task}@{length}"] = round(sum(score(task, t, s) for t, s in zip(texts, samples)) / len(samples), 3)
+    out = {f"{task}@{length}": greedy_score(model, data, eval_samples(task, length, args))
+           for length in (int(x) for x in args.eval_lengths.split(","))
+           for task in data.mix if length >= data.min_lens[task]}
     model.train()
     return out
 
@@ -301,9 +313,7 @@ def main(argv=None) -> None:
         return
     save_model(model, out / "final")
     if args.final_eval:
-        from transformers import AutoTokenizer
-
-        acc = generation_eval(model, AutoTokenizer.from_pretrained(str(out / "final")), args)
+        acc = generation_eval(model, data, args)
         log.write(json.dumps({"step": step, "generation_eval": acc}) + "\n")
         print("generation eval: " + json.dumps(acc), flush=True)
     log.close()

@@ -103,3 +103,16 @@ def test_cwe_uncommon_option_reaches_the_batches():
         counts = sorted(words.count(w) for w in set(words))
         spread[mode] = counts[-4] - counts[0]  # among the uncommon words (all but the top 3)
     assert spread["even"] <= 1 < spread["random"]
+
+
+def test_shuffled_tasks_are_evaluated_by_greedy_generation(tmp_path):
+    """A task trained in random answer order has no gold order to teacher-force against: the
+    periodic eval scores it as --final-eval does, and keeps teacher forcing for the others."""
+    out = tmp_path / "run"
+    _run(out, "--mix", "cwe=1,niah_single=1", "--shuffle-answers", "cwe", "--eval-every", "8",
+         "--eval-lengths", "96", "--eval-samples", "2", "--final-eval")
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    periodic = next(r["eval"] for r in rows if "eval" in r)
+    final = next(r["generation_eval"] for r in rows if "generation_eval" in r)
+    assert "cwe@96:tok" not in periodic and "niah_single@96:tok" in periodic
+    assert periodic["cwe@96"] == final["cwe@96"] and 0.0 <= final["cwe@96"] <= 1.0
