@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--init-from", default=None,
+                   help="start from this saved model's weights (e.g. scripts/widen_model.py's output) instead of "
+                        "a random init; the architecture flags must describe it")
     p.add_argument("--mix", default=DEFAULT_MIX, help="task=weight,... (tasks of dms.tasks.TASKS)")
     p.add_argument("--copy-warmup-steps", type=int, default=0,
                    help="train on copy_list alone for the first N steps: it grows the induction heads fast")
@@ -252,6 +255,10 @@ def main(argv=None) -> None:
     tok = build_tokenizer()
     data = Data(args, tok)
     model = build_model(args, tok.get_vocab_size(), tok.get_vocab())
+    if args.init_from:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).state_dict())
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
