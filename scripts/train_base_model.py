@@ -185,7 +185,8 @@ def greedy_score(model, data: Data, samples: list[Sample]) -> float:
     new = max(len(t.ids) for t in data.tok.encode_batch([s.target for s in samples], add_special_tokens=False)) + 4
     gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, do_sample=False,
                          eos_token_id=data.eos, pad_token_id=data.pad)
-    texts = data.tok.decode_batch(gen[:, ids.shape[1]:].tolist(), skip_special_tokens=True)
+    rows = [r[:r.index(data.eos)] if data.eos in r else r for r in gen[:, ids.shape[1]:].tolist()]
+    texts = data.tok.decode_batch(rows)  # the raw tokenizer keeps <eos> / <pad> in text: cut them first
     return round(sum(score(s.task, t, s) for t, s in zip(texts, samples)) / len(samples), 3)
 
 
