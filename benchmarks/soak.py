@@ -16,6 +16,7 @@ import time
 import torch
 
 import dms
+from dms.compat import cache_kwargs
 from dms.models.tiny import tiny_model
 
 
@@ -51,7 +52,7 @@ def run(args) -> int:
     with torch.inference_mode():
         for step in range(args.steps):
             pos = torch.full((args.batch, 1), step, dtype=torch.long)
-            logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=ids, position_ids=pos, **cache_kwargs(cache), use_cache=True).logits
             ids = logits[:, -1:].argmax(-1)
             if step % args.every == 0 or step == args.steps - 1:
                 stats = cache.stats()

@@ -350,8 +350,9 @@ class DMSLayer(CacheLayerMixin):
 
 
 class DMSCache(Cache):
-    """KV cache of a DMS model: pass ``past_key_values=DMSCache(model)`` to ``generate`` (DMS
-    models made by ``dms.apply``/``dms.from_pretrained`` use one by default in infer mode).
+    """KV cache of a DMS model: pass it to ``generate`` as ``cache=`` (transformers >= 5.24) or
+    ``past_key_values=`` (DMS models made by ``dms.apply``/``dms.from_pretrained`` use one by
+    default in infer mode).
 
     ``page_size`` tokens per page; ``max_pages`` caps the pool of each layer (None = grow as
     needed); ``prefill_chunk`` bounds the queries attended at once during prefill."""

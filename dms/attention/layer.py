@@ -89,7 +89,7 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
         if past_key_values is not None:
             raise TypeError(
                 f"DMS infer mode needs a dms.DMSCache, got a {type(past_key_values).__name__}; pass "
-                "past_key_values=dms.DMSCache(model) (generate and the *ForCausalLM forward do this by "
+                "dms.DMSCache(model) as the cache (generate and the *ForCausalLM forward do this by "
                 "default), or use_cache=False for a cache-free forward")
         # Cache-free forward (scoring, evaluation): a dense [T, T] visibility mask, fine at
         # training lengths; long prompts go through a DMSCache, whose prefill is chunked.

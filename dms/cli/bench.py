@@ -63,10 +63,12 @@ def _caches(dense, model, T: int, window: int, ratio: float, steps: int, seed: i
 
 def _steps(model, cache, tok, n: int) -> tuple[torch.Tensor, float]:
     """``n`` single-token forwards (batch 1): (last token, seconds)."""
+    from dms.compat import cache_kwargs
+
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(n):
-            tok = model(input_ids=tok, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tok = model(input_ids=tok, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
     return tok, time.perf_counter() - t0
 
 

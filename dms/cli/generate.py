@@ -39,6 +39,7 @@ def run(args) -> int:
     from transformers import AutoTokenizer, TextStreamer
 
     import dms
+    from dms.compat import cache_kwargs
 
     for name in ("max_new_tokens", "page_size", "prefill_chunk"):
         if getattr(args, name) < 1:
@@ -57,7 +58,7 @@ def run(args) -> int:
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else \
         dict(do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, streamer=streamer,
+    model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, streamer=streamer,
                    pad_token_id=pad, prefill_chunk_size=args.prefill_chunk, **sampling)
     print(file=sys.stderr)
     print(report(cache), file=sys.stderr)

@@ -58,9 +58,10 @@ class DMSLM(HFLM):
 
     def _model_generate(self, context, max_length: int, stop: list[str], **generation_kwargs):
         import dms
+        from dms.compat import cache_kwargs
 
         cache = dms.DMSCache(self.model, page_size=self.page_size)
-        out = super()._model_generate(context, max_length, stop, past_key_values=cache, **generation_kwargs)
+        out = super()._model_generate(context, max_length, stop, **cache_kwargs(cache), **generation_kwargs)
         self.compression.append(cache.compression_ratio())
         return out
 

@@ -26,6 +26,7 @@ import torch
 
 from dms.baselines import POLICIES, PolicyCache
 from dms.cache import DMSCache
+from dms.compat import cache_kwargs
 from dms.tasks import TASKS, generate, min_length, score
 
 METHODS = ("vanilla", "dms") + POLICIES
@@ -106,7 +107,7 @@ def run_task(model, tokenizer, samples, make_cache, batch_size: int, progress=No
         batch = samples[a:a + batch_size]
         enc = tokenizer([s.prompt for s in batch], return_tensors="pt", padding=True)
         cache = make_cache()
-        out = model.generate(**enc, past_key_values=cache, max_new_tokens=new, do_sample=False,
+        out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=new, do_sample=False,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         hits += sum(score(s.task, t, s) for t, s in zip(texts, batch))

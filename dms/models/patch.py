@@ -18,6 +18,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from dms.attention.decisions import DMSAdapter
 from dms.attention.layer import DMSRuntime, dms_attention_forward
 from dms.cache import DMSCache
+from dms.compat import CACHE_ARG, either_cache
 from dms.config import DMSConfig
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
@@ -57,10 +58,11 @@ def _attention_class(base: type) -> type:
         rope = sys.modules[base.__module__].apply_rotary_pos_emb
 
         def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None,
-                    **kwargs):
+                    cache=None, **kwargs):
             residual = self.__dict__.pop("_dms_residual", None)
-            return dms_attention_forward(self, hidden_states, position_embeddings, attention_mask, past_key_values,
-                                         residual=residual, rope=rope, runtime=self._dms_runtime)
+            return dms_attention_forward(self, hidden_states, position_embeddings, attention_mask,
+                                         either_cache(cache, past_key_values), residual=residual, rope=rope,
+                                         runtime=self._dms_runtime)
 
         _ATTN_CLASSES[base] = type(base.__name__, (base,), {"forward": forward, "_dms_base": base})
     return _ATTN_CLASSES[base]
@@ -77,24 +79,23 @@ def dms_model_class(base: type) -> type:
             install(self, DMSConfig.from_model_config(config))
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+                    inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
+            cache = either_cache(cache, past_key_values)
             mode = self._dms_runtime.mode
             if mode == "train":
                 use_cache = False
-            elif mode == "infer" and past_key_values is None and \
-                    (self.config.use_cache if use_cache is None else use_cache):
-                past_key_values = DMSCache(self)  # what the base model does with a DynamicCache
+            elif mode == "infer" and cache is None and (self.config.use_cache if use_cache is None else use_cache):
+                cache = DMSCache(self)  # what the base model does with a DynamicCache
             return base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=position_ids, past_key_values=past_key_values,
-                                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-                                logits_to_keep=logits_to_keep, **kwargs)
+                                position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+                                use_cache=use_cache, logits_to_keep=logits_to_keep, **{CACHE_ARG: cache}, **kwargs)
 
         def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-            if (self._dms_runtime.mode == "infer" and model_kwargs.get("past_key_values") is None
+            if (self._dms_runtime.mode == "infer" and model_kwargs.get(CACHE_ARG) is None
                     and generation_config.use_cache is not False):
                 if generation_config.cache_implementation is not None:
                     raise ValueError("DMS models generate with a DMSCache; do not set cache_implementation")
-                model_kwargs["past_key_values"] = DMSCache(self)
+                model_kwargs[CACHE_ARG] = DMSCache(self)
             return base._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
         _MODEL_CLASSES[base] = type(base.__name__, (base,), {
