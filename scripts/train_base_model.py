@@ -54,6 +54,8 @@ def parse_args(argv=None):
                    help="training draw of cwe's uncommon words (dms.tasks.cwe); 'random' reproduces "
                         "the shipped base's early phases")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
+    p.add_argument("--task-min-len", default="",
+                   help="task=tokens,...: a task's samples are at least this long (raised from the batch length)")
     p.add_argument("--start-len", type=int, default=128, help="longest prompt length at step 0")
     p.add_argument("--max-len", type=int, default=512, help="longest prompt length after the curriculum")
     p.add_argument("--curriculum-steps", type=int, default=20000, help="steps over which the longest length grows")
@@ -77,14 +79,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    mix = {}
-    for part in text.split(","):
-        name, _, w = part.partition("=")
+def parse_task_values(text: str, flag: str, default: float) -> dict[str, float]:
+    """"task=value,..." (a bare task name takes ``default``) -> {task: value}."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        name, _, v = part.partition("=")
         if name not in TASKS and name not in AUXILIARY:
-            raise SystemExit(f"--mix: unknown task {name!r}; expected names from {sorted(TASKS) + sorted(AUXILIARY)}")
-        mix[name] = float(w or 1)
-    return mix
+            raise SystemExit(f"{flag}: unknown task {name!r}; expected names from {sorted(TASKS) + sorted(AUXILIARY)}")
+        out[name] = float(v or default)
+    return out
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    return parse_task_values(text, "--mix", 1.0)
 
 
 def shuffled(sample: Sample, rng: random.Random) -> Sample:
@@ -119,6 +126,8 @@ class Data:
             raise ValueError(f"--shuffle-answers: unknown tasks {sorted(self.shuffle - set(TASKS))}")
         self.options = {"cwe": {"uncommon": args.cwe_uncommon}}
         self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
+        for t, n in parse_task_values(args.task_min_len, "--task-min-len", 0).items():
+            self.min_lens[t] = max(self.min_lens.get(t, 0), int(n))
         self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
 
     def longest(self, step: int) -> int:

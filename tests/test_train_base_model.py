@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -116,3 +117,21 @@ def test_shuffled_tasks_are_evaluated_by_greedy_generation(tmp_path):
     final = next(r["generation_eval"] for r in rows if "generation_eval" in r)
     assert "cwe@96:tok" not in periodic and "niah_single@96:tok" in periodic
     assert periodic["cwe@96"] == final["cwe@96"] and 0.0 <= final["cwe@96"] <= 1.0
+
+
+def test_task_min_len_raises_that_task_only():
+    tbm = _script_module()
+    from dms.tasks.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    args = tbm.parse_args(["--out", "unused", "--mix", "cwe=1,niah_single=1", "--task-min-len", "cwe=96",
+                           "--min-len", "48", "--start-len", "48", "--max-len", "48", "--batch-tokens", "960"])
+    ids, _, target = tbm.Data(args, tok).batch(0)
+    lengths = {}
+    for row, t in zip(ids, target):
+        prompt = tok.decode(row[1:int(t.nonzero()[0])].tolist())
+        task = "cwe" if prompt.startswith("list :") else "niah_single"
+        lengths.setdefault(task, set()).add(int(t.nonzero()[0]) - 1)  # prompt tokens after <bos>
+    assert lengths["cwe"] == {96} and lengths["niah_single"] == {48}
+    with pytest.raises(SystemExit, match="--task-min-len: unknown task"):
+        tbm.Data(tbm.parse_args(["--out", "unused", "--task-min-len", "nope=3"]), tok)
