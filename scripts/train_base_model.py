@@ -91,7 +91,10 @@ def parse_task_values(text: str, flag: str, default: float) -> dict[str, float]:
 
 
 def parse_mix(text: str) -> dict[str, float]:
-    return parse_task_values(text, "--mix", 1.0)
+    mix = parse_task_values(text, "--mix", 1.0)
+    if not mix:
+        raise SystemExit("--mix: no task given")
+    return mix
 
 
 def shuffled(sample: Sample, rng: random.Random) -> Sample:
