@@ -79,13 +79,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def parse_task_values(text: str, flag: str, default: float) -> dict[str, float]:
-    """"task=value,..." (a bare task name takes ``default``) -> {task: value}."""
+def parse_task_values(text: str, flag: str, default: float | None) -> dict[str, float]:
+    """"task=value,..." -> {task: value}; a bare task name takes ``default`` (None: refused)."""
     out = {}
     for part in filter(None, text.split(",")):
         name, _, v = part.partition("=")
         if name not in TASKS and name not in AUXILIARY:
             raise SystemExit(f"{flag}: unknown task {name!r}; expected names from {sorted(TASKS) + sorted(AUXILIARY)}")
+        if not v and default is None:
+            raise SystemExit(f"{flag}: {name} needs a value ({name}=N)")
         out[name] = float(v or default)
     return out
 
@@ -129,7 +131,7 @@ class Data:
             raise ValueError(f"--shuffle-answers: unknown tasks {sorted(self.shuffle - set(TASKS))}")
         self.options = {"cwe": {"uncommon": args.cwe_uncommon}}
         self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
-        for t, n in parse_task_values(args.task_min_len, "--task-min-len", 0).items():
+        for t, n in parse_task_values(args.task_min_len, "--task-min-len", None).items():
             self.min_lens[t] = max(self.min_lens.get(t, 0), int(n))
         self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
 

@@ -135,5 +135,7 @@ def test_task_min_len_raises_that_task_only():
     assert lengths["cwe"] == {96} and lengths["niah_single"] == {48}
     with pytest.raises(SystemExit, match="--task-min-len: unknown task"):
         tbm.Data(tbm.parse_args(["--out", "unused", "--task-min-len", "nope=3"]), tok)
+    with pytest.raises(SystemExit, match="--task-min-len: cwe needs a value"):
+        tbm.Data(tbm.parse_args(["--out", "unused", "--task-min-len", "cwe"]), tok)
     with pytest.raises(SystemExit, match="--mix: no task"):
         tbm.Data(tbm.parse_args(["--out", "unused", "--mix", ""]), tok)
