@@ -61,6 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--curriculum-steps", type=int, default=20000, help="steps over which the longest length grows")
     p.add_argument("--batch-tokens", type=int, default=4096, help="prompt tokens per batch (rows = this / length)")
     p.add_argument("--prompt-weight", type=float, default=0.1, help="loss weight of prompt tokens (target tokens: 1)")
+    p.add_argument("--task-prompt-weight", default="",
+                   help="task=weight,...: a prompt-token loss weight for these tasks instead of --prompt-weight "
+                        "(a cwe list is predictable from the word counts so far: weighting it trains counting)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=300)
     p.add_argument("--steps", type=int, default=100000)
@@ -133,6 +136,7 @@ class Data:
         self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
         for t, n in parse_task_values(args.task_min_len, "--task-min-len", None).items():
             self.min_lens[t] = max(self.min_lens.get(t, 0), int(n))
+        self.prompt_weights = parse_task_values(args.task_prompt_weight, "--task-prompt-weight", None)
         self.bos, self.eos, self.pad = (tok.token_to_id(x) for x in (BOS, EOS, PAD))
 
     def longest(self, step: int) -> int:
@@ -149,9 +153,9 @@ class Data:
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         weights = torch.zeros(len(rows), width)
         target = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, (p, t) in enumerate(rows):
+        for i, (s, (p, t)) in enumerate(zip(samples, rows)):
             ids[i, :len(p) + len(t)] = torch.tensor(p + t)
-            weights[i, 1:len(p)] = self.args.prompt_weight
+            weights[i, 1:len(p)] = self.prompt_weights.get(s.task, self.args.prompt_weight)
             weights[i, len(p):len(p) + len(t)] = 1.0
             target[i, len(p):len(p) + len(t)] = True
         return ids, weights, target

@@ -139,3 +139,24 @@ def test_task_min_len_raises_that_task_only():
         tbm.Data(tbm.parse_args(["--out", "unused", "--task-min-len", "cwe"]), tok)
     with pytest.raises(SystemExit, match="--mix: no task"):
         tbm.Data(tbm.parse_args(["--out", "unused", "--mix", ""]), tok)
+
+
+def test_task_prompt_weight_reweights_that_tasks_prompt_only():
+    tbm = _script_module()
+    from dms.tasks.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    args = tbm.parse_args(["--out", "unused", "--mix", "cwe=1,niah_single=1", "--task-prompt-weight", "cwe=1",
+                           "--prompt-weight", "0.1", "--min-len", "96", "--start-len", "96", "--batch-tokens", "1920"])
+    ids, weights, target = tbm.Data(args, tok).batch(0)
+    seen = set()
+    for row, w, t in zip(ids, weights, target):
+        end = int(t.nonzero()[0])
+        task = "cwe" if tok.decode(row[1:end].tolist()).startswith("list :") else "niah_single"
+        seen.add(task)
+        expected = torch.full((end - 1,), 1.0 if task == "cwe" else 0.1)
+        assert w[0] == 0 and torch.equal(w[1:end], expected)
+        assert set(w[t].tolist()) == {1.0}
+    assert seen == {"cwe", "niah_single"}
+    with pytest.raises(SystemExit, match="--task-prompt-weight: cwe needs a value"):
+        tbm.Data(tbm.parse_args(["--out", "unused", "--task-prompt-weight", "cwe"]), tok)
