@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--intermediate", type=int, default=512)
+    p.add_argument("--head-dim", type=int, default=None, help="per-head width (default: hidden / heads)")
     p.add_argument("--init-from", default=None,
                    help="start from this saved model's weights (e.g. scripts/widen_model.py's output) instead of "
                         "a random init; the architecture flags must describe it")
@@ -117,7 +118,7 @@ def build_model(args, vocab_size: int, ids: dict[str, int]):
     cls_cfg, cls_model = (Qwen3Config, Qwen3ForCausalLM) if args.arch == "qwen3" else (LlamaConfig, LlamaForCausalLM)
     cfg = cls_cfg(vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
                   num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                  head_dim=args.hidden // args.heads, max_position_embeddings=2 * args.max_len + 256,
+                  head_dim=args.head_dim or args.hidden // args.heads, max_position_embeddings=2 * args.max_len + 256,
                   rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=ids[BOS], eos_token_id=ids[EOS],
                   pad_token_id=ids[PAD])
     return cls_model(cfg)

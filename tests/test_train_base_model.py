@@ -160,3 +160,15 @@ def test_task_prompt_weight_reweights_that_tasks_prompt_only():
     assert seen == {"cwe", "niah_single"}
     with pytest.raises(SystemExit, match="--task-prompt-weight: cwe needs a value"):
         tbm.Data(tbm.parse_args(["--out", "unused", "--task-prompt-weight", "cwe"]), tok)
+
+
+def test_head_dim_defaults_to_hidden_over_heads_and_can_be_set():
+    tbm = _script_module()
+    from dms.tasks.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    base = ["--out", "unused", "--arch", "llama", "--hidden", "64", "--heads", "4", "--kv-heads", "2"]
+    for extra, head_dim in (([], 16), (["--head-dim", "32"], 32)):
+        model = tbm.build_model(tbm.parse_args(base + extra), tok.get_vocab_size(), tok.get_vocab())
+        assert model.config.head_dim == head_dim
+        assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * head_dim, 64)
