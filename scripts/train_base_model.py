@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--cwe-uncommon", choices=CWE_UNCOMMON, default="even",
                    help="training draw of cwe's uncommon words (dms.tasks.cwe); 'random' reproduces "
                         "the shipped base's early phases")
+    p.add_argument("--cwe-ratio", type=int, default=8,
+                   help="how many times as often a common cwe word occurs as an uncommon one in training data "
+                        "(evaluation keeps the task's 8); a larger ratio is an easier start")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
     p.add_argument("--task-min-len", default="",
                    help="task=tokens,...: a task's samples are at least this long (raised from the batch length)")
@@ -133,8 +136,8 @@ class Data:
         self.shuffle = {t for t in args.shuffle_answers.split(",") if t}
         if not self.shuffle <= set(TASKS):
             raise ValueError(f"--shuffle-answers: unknown tasks {sorted(self.shuffle - set(TASKS))}")
-        self.options = {"cwe": {"uncommon": args.cwe_uncommon}}
-        self.min_lens = {t: min_length(t) for t in {*self.mix, "copy_list"}}
+        self.options = {"cwe": {"uncommon": args.cwe_uncommon, "ratio": args.cwe_ratio}}
+        self.min_lens = {t: min_length(t, **self.options.get(t, {})) for t in {*self.mix, "copy_list"}}
         for t, n in parse_task_values(args.task_min_len, "--task-min-len", None).items():
             self.min_lens[t] = max(self.min_lens.get(t, 0), int(n))
         self.prompt_weights = parse_task_values(args.task_prompt_weight, "--task-prompt-weight", None)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from dms.tasks import generate, normalize
+from dms.tasks.vocab import KEYS
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_base_model.py"
 TINY = ["--arch", "llama", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
@@ -172,3 +173,19 @@ def test_head_dim_defaults_to_hidden_over_heads_and_can_be_set():
         model = tbm.build_model(tbm.parse_args(base + extra), tok.get_vocab_size(), tok.get_vocab())
         assert model.config.head_dim == head_dim
         assert model.model.layers[0].self_attn.q_proj.weight.shape == (4 * head_dim, 64)
+
+
+def test_cwe_ratio_reaches_the_training_batches_only():
+    tbm = _script_module()
+    from dms.tasks.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    argv = ["--out", "unused", "--mix", "cwe=1", "--min-len", "512", "--start-len", "512", "--batch-tokens", "512"]
+    for ratio in (8, 30):
+        data = tbm.Data(tbm.parse_args(argv + ["--cwe-ratio", str(ratio)]), tok)
+        ids, _, target = data.batch(0)
+        words = tok.decode(ids[0, :int(target[0].nonzero()[0])].tolist()).split("list :")[1].split("question")[0].split()
+        counts = sorted((words.count(w) for w in set(words)), reverse=True)
+        uncommon = sum(counts[3:]) / (len(KEYS) - 3)  # every key word occurs
+        assert counts[0] == counts[2] and abs(counts[2] / uncommon / ratio - 1) < 0.1
+    assert tbm.eval_samples("cwe", 512, data.args)[0] == generate("cwe", 512, tbm.EVAL_SEED)
