@@ -157,9 +157,9 @@ class Data:
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
         weights = torch.zeros(len(rows), width)
         target = torch.zeros(len(rows), width, dtype=torch.bool)
-        for i, (s, (p, t)) in enumerate(zip(samples, rows)):
+        for i, (sample, (p, t)) in enumerate(zip(samples, rows)):
             ids[i, :len(p) + len(t)] = torch.tensor(p + t)
-            weights[i, 1:len(p)] = self.prompt_weights.get(s.task, self.args.prompt_weight)
+            weights[i, 1:len(p)] = self.prompt_weights.get(sample.task, self.args.prompt_weight)
             weights[i, len(p):len(p) + len(t)] = 1.0
             target[i, len(p):len(p) + len(t)] = True
         return ids, weights, target
