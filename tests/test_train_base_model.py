@@ -121,10 +121,10 @@ def test_shuffled_tasks_are_evaluated_by_greedy_generation(tmp_path):
 
 
 def _rows(tok, ids, target):
-    """(task, row, end of its prompt) for each row of a cwe / niah_single batch."""
+    """(task, end of its prompt) for each row of a cwe / niah_single batch."""
     for row, t in zip(ids, target):
         end = int(t.nonzero()[0])
-        yield ("cwe" if tok.decode(row[1:end].tolist()).startswith("list :") else "niah_single"), row, end
+        yield ("cwe" if tok.decode(row[1:end].tolist()).startswith("list :") else "niah_single"), end
 
 
 def test_task_min_len_raises_that_task_only():
@@ -136,7 +136,7 @@ def test_task_min_len_raises_that_task_only():
                            "--min-len", "48", "--start-len", "48", "--max-len", "48", "--batch-tokens", "960"])
     ids, _, target = tbm.Data(args, tok).batch(0)
     lengths = {}
-    for task, _, end in _rows(tok, ids, target):
+    for task, end in _rows(tok, ids, target):
         lengths.setdefault(task, set()).add(end - 1)  # prompt tokens after <bos>
     assert lengths["cwe"] == {96} and lengths["niah_single"] == {48}
     with pytest.raises(SystemExit, match="--task-min-len: unknown task"):
@@ -156,7 +156,7 @@ def test_task_prompt_weight_reweights_that_tasks_prompt_only():
                            "--prompt-weight", "0.1", "--min-len", "96", "--start-len", "96", "--batch-tokens", "1920"])
     ids, weights, target = tbm.Data(args, tok).batch(0)
     seen = set()
-    for (task, _, end), w, t in zip(_rows(tok, ids, target), weights, target):
+    for (task, end), w, t in zip(_rows(tok, ids, target), weights, target):
         seen.add(task)
         expected = torch.full((end - 1,), 1.0 if task == "cwe" else 0.1)
         assert w[0] == 0 and torch.equal(w[1:end], expected)
