@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
-from dms.train.data import DataError, Document, one_per_row, pack, read_documents
+from dms.train.data import DataError, Document, SampleStream, one_per_row, pack, read_documents
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
                             target_fraction)
 
@@ -109,6 +109,25 @@ def test_unpacked_training_runs_on_left_padded_rows(tmp_path):
     retrofit(tiny_model("llama"), **_options(tmp_path, variant="adapter", pack=False, seq_len=128, steps=2))
     log = _log(tmp_path / "out")
     assert len(log) == 2 and all(math.isfinite(r["kl"]) for r in log)
+
+
+def test_a_batch_drops_the_columns_no_row_uses():
+    docs = [[5, 6, 7], [8, 9], [4]]  # 4, 3 and 2 tokens with EOS
+    stream = SampleStream(*one_per_row(docs, seq_len=8, eos_id=2, pad_id=0), seed=0)
+    for first in range(6):
+        ids, real, distilled = stream.batch(range(first, first + 2))
+        assert ids.shape[1] == int(real.sum(1).max())
+        assert torch.equal(real, ids != 0) and torch.equal(distilled, real)
+    ids, _, _ = stream.batch(range(3))
+    assert sorted(ids.tolist()) == [[0, 0, 4, 2], [0, 8, 9, 2], [5, 6, 7, 2]]
+
+
+def test_unpacked_training_does_not_depend_on_seq_len(tmp_path):
+    # documents are <= 120 tokens: seq_len 128 and 256 give the same batches once padding is dropped
+    a = retrofit(tiny_model("llama"), **_options(tmp_path, output_dir=str(tmp_path / "a"), pack=False, seq_len=128))
+    b = retrofit(tiny_model("llama"), **_options(tmp_path, output_dir=str(tmp_path / "b"), pack=False, seq_len=256))
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
 # -- which parameters train, teacher exactness ---------------------------------------------

@@ -147,5 +147,10 @@ class SampleStream:
         return self._perms[epoch]
 
     def batch(self, positions: range):
+        """Rows ``positions`` of the stream, without the columns that are padding in every row:
+        rows are left-padded and positions come from the padding mask, so dropping them changes
+        nothing but the cost, which follows the batch's longest document instead of seq_len."""
         idx = torch.stack([self._perm(p // len(self))[p % len(self)] for p in positions])
-        return self.ids[idx], self.real[idx], self.distilled[idx]
+        real = self.real[idx]
+        first = int(real.any(0).int().argmax())
+        return self.ids[idx, first:], real[:, first:], self.distilled[idx, first:]
