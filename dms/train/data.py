@@ -148,8 +148,9 @@ class SampleStream:
 
     def batch(self, positions: range):
         """Rows ``positions`` of the stream, without the columns that are padding in every row:
-        rows are left-padded and positions come from the padding mask, so dropping them changes
-        nothing but the cost, which follows the batch's longest document instead of seq_len."""
+        rows are left-padded and positions come from the padding mask, so the cost follows the
+        batch's longest document instead of seq_len. The loss is unchanged up to the Gumbel noise,
+        whose draws follow the batch's shape."""
         idx = torch.stack([self._perm(p // len(self))[p % len(self)] for p in positions])
         real = self.real[idx]
         first = int(real.any(0).int().argmax())
