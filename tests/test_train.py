@@ -12,7 +12,7 @@ from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
 from dms.train.data import DataError, Document, SampleStream, one_per_row, pack, read_documents
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
-                            target_fraction)
+                            mean_abs_logit, target_fraction)
 
 
 def _data(path, n_docs=30, seed=0):
@@ -66,6 +66,28 @@ def test_compression_terms_hand_computed():
     assert frac.item() == 0.5
     assert compression_loss(frac, 0.75).item() == 0.25
     assert compression_loss(frac, 0.25).item() == 0.0
+
+
+def test_mean_abs_logit_hand_computed():
+    l0 = torch.tensor([[[9.0, -2.0, 4.0, 7.0], [9.0, 6.0, -8.0, 7.0]]])
+    l1 = torch.tensor([[[9.0, 0.0, 0.0, 7.0], [9.0, -1.0, 3.0, 7.0]]])
+    valid = torch.tensor([[False, True, True, False]])
+    # Counted entries: |-2|, 4, 6, |-8|, 0, 0, |-1|, 3 -> 24 / 8.
+    assert mean_abs_logit([l0, l1], valid).item() == 3.0
+
+
+def test_the_log_gauges_logit_saturation(tmp_path):
+    """A fresh adapter sits at |logit| = alpha_offset; at alpha_scale 100 the same steps drive the
+    logits far further from 0 than at alpha_scale 10 (the saturation the gauge is for)."""
+    gauges = {}
+    for scale in (10.0, 100.0):
+        (tmp_path / str(scale)).mkdir()
+        opts = _options(tmp_path / str(scale), variant="adapter", steps=30, lr=5e-3, alpha_scale=scale)
+        retrofit(tiny_model("llama"), **opts)
+        log = _log(opts["output_dir"])
+        assert log[0]["mean_abs_logit"] == pytest.approx(5.0)
+        gauges[scale] = log[-1]["mean_abs_logit"]
+    assert gauges[100.0] > 3 * gauges[10.0], gauges
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 100])

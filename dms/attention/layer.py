@@ -26,6 +26,7 @@ class DMSRuntime:
     mode: str = "infer"
     generator: torch.Generator | None = None
     last_decisions: dict[int, torch.Tensor] = field(default_factory=dict)
+    last_logits: dict[int, torch.Tensor] = field(default_factory=dict)  # train mode, detached
 
 
 def _padding(attention_mask, T: int) -> torch.Tensor | None:
@@ -75,6 +76,7 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
                                           scale=module.scaling, padding_mask=padding,
                                           generator=runtime.generator)
         runtime.last_decisions[module.layer_idx] = hard
+        runtime.last_logits[module.layer_idx] = logits.detach()
     elif isinstance(past_key_values, DMSCache):
         decisions = logits > 0 if mode == "infer" else torch.zeros(B, Hkv, T, dtype=torch.bool, device=q.device)
         out = _cached(module, q, k, v, decisions, padding, past_key_values, cfg.window)

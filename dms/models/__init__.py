@@ -26,14 +26,23 @@ def get_mode(model) -> str:
     return runtime(model).mode
 
 
+def _per_layer(model, recorded: dict[int, torch.Tensor], modes: str) -> list[torch.Tensor]:
+    n = len(dms_modules(model))
+    if set(recorded) != set(range(n)):
+        raise RuntimeError(f"no decisions recorded: run a forward in {modes} mode first")
+    return [recorded[i] for i in range(n)]
+
+
 def last_decisions(model) -> list[torch.Tensor]:
     """Per layer, the decisions [B, H_kv, T] of the most recent forward: straight-through hard
     decisions (with grad) in train mode, hard decisions as float in infer mode."""
-    rt = runtime(model)
-    n = len(dms_modules(model))
-    if set(rt.last_decisions) != set(range(n)):
-        raise RuntimeError("no decisions recorded: run a forward in 'infer' or 'train' mode first")
-    return [rt.last_decisions[i] for i in range(n)]
+    return _per_layer(model, runtime(model).last_decisions, "'infer' or 'train'")
+
+
+def last_logits(model) -> list[torch.Tensor]:
+    """Per layer, the eviction logits [B, H_kv, T] (detached, before noise) of the most recent
+    train-mode forward."""
+    return _per_layer(model, runtime(model).last_logits, "'train'")
 
 
 def set_noise_generator(model, gen: torch.Generator | None) -> None:
@@ -65,5 +74,5 @@ def dms_config(model):
     return runtime(model).config
 
 
-__all__ = ["apply", "from_pretrained", "set_mode", "get_mode", "last_decisions", "set_noise_generator",
+__all__ = ["apply", "from_pretrained", "set_mode", "get_mode", "last_decisions", "last_logits", "set_noise_generator",
            "borrowed_neuron_rows", "dms_parameters", "dms_config", "DMSCache", "DMSCheckpointError", "SUPPORTED"]

@@ -29,6 +29,14 @@ def evicted_fraction(decisions: list[torch.Tensor], valid: torch.Tensor) -> torc
     return total / count.clamp(min=1)
 
 
+def mean_abs_logit(logits: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """Mean |eviction logit| over the ``valid`` decisions of every layer: a saturation gauge.
+    A fresh model sits at alpha_offset; the relaxed decision has gradient p(1 - p) / tau, which
+    vanishes once |logit| is many times the logistic noise (std 1.8), so a mean in the tens says
+    the KL can no longer move most decisions (lower alpha_scale or the learning rate)."""
+    return evicted_fraction([l.abs() for l in logits], valid)
+
+
 def compression_loss(fraction: torch.Tensor, target_frac: float) -> torch.Tensor:
     """max(0, target_frac - fraction): pushes eviction up to the target, never beyond."""
     return F.relu(target_frac - fraction)

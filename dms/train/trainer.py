@@ -34,7 +34,8 @@ from torch import nn
 from dms.attention.training import decision_mask
 from dms.train.config import SUPPORTED_ARCHS, TrainConfig
 from dms.train.data import SampleStream, one_per_row, pack, read_documents
-from dms.train.loss import compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher
+from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
+                            mean_abs_logit)
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -120,13 +121,14 @@ class _Student(nn.Module):
         self.kl_chunk_tokens = kl_chunk_tokens
 
     def forward(self, ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head):
-        from dms.models import last_decisions
+        from dms.models import last_decisions, last_logits
 
         h = self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False).last_hidden_state
         kl = kl_student_teacher(h, teacher_h, self.model.lm_head, teacher_head, kl_mask, self.kl_chunk_tokens)
-        fraction = evicted_fraction(last_decisions(self.model), decision_mask(real, *real.shape))
-        return kl, fraction
+        valid = decision_mask(real, *real.shape)
+        fraction = evicted_fraction(last_decisions(self.model), valid)
+        return kl, fraction, mean_abs_logit(last_logits(self.model), valid)
 
 
 def _init_distributed(device: str | None):
@@ -242,7 +244,7 @@ class Trainer:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         teacher_head = (self.teacher if self.teacher is not None else self.model).lm_head
-        sums = torch.zeros(4, dtype=torch.float64)  # kl, compression term, evicted fraction, tokens
+        sums = torch.zeros(5, dtype=torch.float64)  # kl, compression term, evicted fraction, mean |logit|, tokens
         per_step = cfg.batch_size * cfg.grad_accum * self.world
         for m in range(cfg.grad_accum):
             first = self.samples + (m * self.world + self.rank) * cfg.batch_size
@@ -255,10 +257,12 @@ class Trainer:
             kl_mask = real & distilled if self.eos is None else real & distilled & (ids != self.eos)
             sync = m == cfg.grad_accum - 1 or not isinstance(self.student, nn.parallel.DistributedDataParallel)
             with contextlib.nullcontext() if sync else self.student.no_sync():
-                kl, fraction = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head)
+                kl, fraction, abs_logit = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h,
+                                                       teacher_head)
                 comp = compression_loss(fraction, target_frac)
                 ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
-            sums += torch.tensor([kl.item(), comp.item(), fraction.item(), float(real.sum())], dtype=torch.float64)
+            sums += torch.tensor([kl.item(), comp.item(), fraction.item(), abs_logit.item(), float(real.sum())],
+                                 dtype=torch.float64)
         if self.neuron is not None:
             self.neuron.mask_grads()
         if cfg.grad_clip:
@@ -269,11 +273,12 @@ class Trainer:
         if self.world > 1:
             dist.all_reduce(sums)
         n = cfg.grad_accum * self.world
-        kl, comp, frac = (sums[:3] / n).tolist()
+        kl, comp, frac, abs_logit = (sums[:4] / n).tolist()
         seconds = time.perf_counter() - t0
         return {"step": self.step, "loss": kl + cfg.compression_weight * comp, "kl": kl, "compression_loss": comp,
-                "evicted_fraction": frac, "achieved_cr": 1.0 / max(1.0 - frac, 1e-9), "target_cr": cr, "lr": lr,
-                "tokens": int(sums[3]), "tokens_per_s": sums[3].item() / seconds, "seconds": seconds}
+                "evicted_fraction": frac, "achieved_cr": 1.0 / max(1.0 - frac, 1e-9), "mean_abs_logit": abs_logit,
+                "target_cr": cr, "lr": lr, "tokens": int(sums[4]), "tokens_per_s": sums[4].item() / seconds,
+                "seconds": seconds}
 
     # -- checkpoints ---------------------------------------------------------------------
     def save(self, directory: str) -> None:
@@ -344,7 +349,8 @@ class Trainer:
             if self.rank == 0:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record['kl']:.4f}",
-                                cr=f"{record['achieved_cr']:.2f}/{record['target_cr']:.2f}")
+                                cr=f"{record['achieved_cr']:.2f}/{record['target_cr']:.2f}",
+                                logit=f"{record['mean_abs_logit']:.1f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
