@@ -66,6 +66,30 @@ def test_compression_terms_hand_computed():
     assert frac.item() == 0.5
     assert compression_loss(frac, 0.75).item() == 0.25
     assert compression_loss(frac, 0.25).item() == 0.0
+    assert compression_loss(frac, 0.75, two_sided=True).item() == 0.25
+    assert compression_loss(frac, 0.25, two_sided=True).item() == 0.25
+
+
+def test_two_sided_term_pulls_an_overshoot_back(tmp_path):
+    """Decisions that start saturated at 'evict' (logit +5 = -alpha_offset) overshoot a 2x target:
+    the one-sided term is then 0 and only the KL acts; the two-sided term pulls eviction down too."""
+    final = {}
+    for term in ("one-sided", "two-sided"):
+        (tmp_path / term).mkdir()
+        opts = _options(tmp_path / term, variant="adapter", steps=20, lr=2e-2, alpha_scale=10.0,
+                        alpha_offset=-5.0, target_cr=2.0, ramp_steps=0, compression_weight=5.0,
+                        compression_term=term)
+        retrofit(tiny_model("llama"), **opts)
+        log = _log(opts["output_dir"])
+        assert log[0]["evicted_fraction"] > 0.9
+        final[term] = sum(r["evicted_fraction"] for r in log[-5:]) / 5
+    assert final["two-sided"] < final["one-sided"] - 0.1, final
+    assert abs(final["two-sided"] - 0.5) < 0.1, final  # target 2x = evict half
+
+
+def test_unknown_compression_term_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="compression_term"):
+        TrainConfig(**_options(tmp_path, compression_term="both"))
 
 
 def test_mean_abs_logit_hand_computed():

@@ -10,7 +10,8 @@ values swapped in, so it stays exactly the plain model.
 Loss per micro-batch: KL(student || teacher) averaged over real positions other than EOS (after
 an EOS comes an unrelated packed document; of a prompt + completion document, only the positions
 that predict the completion), + compression_weight * max(0, target - evicted
-fraction), the fraction over every layer, KV head and decision that has a target token.
+fraction) (or |target - evicted fraction| with compression_term "two-sided"), the fraction over
+every layer, KV head and decision that has a target token.
 
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
 checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
@@ -259,7 +260,7 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.student.no_sync():
                 kl, fraction, abs_logit = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h,
                                                        teacher_head)
-                comp = compression_loss(fraction, target_frac)
+                comp = compression_loss(fraction, target_frac, cfg.compression_term == "two-sided")
                 ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
             sums += torch.tensor([kl.item(), comp.item(), fraction.item(), abs_logit.item(), float(real.sum())],
                                  dtype=torch.float64)
