@@ -12,7 +12,7 @@ from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
 from dms.train.data import DataError, Document, SampleStream, one_per_row, pack, read_documents
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
-                            mean_abs_logit, target_fraction)
+                            mean_abs_logit, smoothed_fraction, target_fraction)
 
 
 def _data(path, n_docs=30, seed=0):
@@ -66,30 +66,30 @@ def test_compression_terms_hand_computed():
     assert frac.item() == 0.5
     assert compression_loss(frac, 0.75).item() == 0.25
     assert compression_loss(frac, 0.25).item() == 0.0
-    assert compression_loss(frac, 0.75, two_sided=True).item() == 0.25
-    assert compression_loss(frac, 0.25, two_sided=True).item() == 0.25
 
 
-def test_two_sided_term_pulls_an_overshoot_back(tmp_path):
-    """Decisions that start saturated at 'evict' (logit +5 = -alpha_offset) overshoot a 2x target:
-    the one-sided term is then 0 and only the KL acts; the two-sided term pulls eviction down too."""
-    final = {}
-    for term in ("one-sided", "two-sided"):
-        (tmp_path / term).mkdir()
-        opts = _options(tmp_path / term, variant="adapter", steps=20, lr=2e-2, alpha_scale=10.0,
-                        alpha_offset=-5.0, target_cr=2.0, ramp_steps=0, compression_weight=5.0,
-                        compression_term=term)
-        retrofit(tiny_model("llama"), **opts)
-        log = _log(opts["output_dir"])
-        assert log[0]["evicted_fraction"] > 0.9
-        final[term] = sum(r["evicted_fraction"] for r in log[-5:]) / 5
-    assert final["two-sided"] < final["one-sided"] - 0.1, final
-    assert abs(final["two-sided"] - 0.5) < 0.1, final  # target 2x = evict half
+def test_smoothed_fraction_value_and_gradient():
+    f = torch.tensor(0.5, requires_grad=True)
+    est = smoothed_fraction(f, 0.8, 0.9)
+    assert est.item() == pytest.approx(0.9 * 0.8 + 0.1 * 0.5)
+    (g,) = torch.autograd.grad(est, f)
+    assert g.item() == 1.0  # the batch's decisions get the full push
+    assert smoothed_fraction(f, None, 0.9) is f and smoothed_fraction(f, 0.8, 0.0) is f
 
 
-def test_unknown_compression_term_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="compression_term"):
-        TrainConfig(**_options(tmp_path, compression_term="both"))
+def test_compression_term_judges_the_running_fraction(tmp_path):
+    opts = _options(tmp_path, steps=6, target_cr=8.0, ramp_steps=0, compression_ema=0.9)
+    retrofit(tiny_model("llama"), **opts)
+    running = None
+    for r in _log(opts["output_dir"]):
+        est = r["evicted_fraction"] if running is None else 0.9 * running + 0.1 * r["evicted_fraction"]
+        assert r["compression_loss"] == pytest.approx(max(0.0, 1 - 1 / 8 - est), abs=1e-6)
+        running = est
+
+
+def test_bad_compression_ema_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="compression_ema"):
+        TrainConfig(**_options(tmp_path, compression_ema=1.0))
 
 
 def test_mean_abs_logit_hand_computed():
@@ -256,7 +256,8 @@ def test_compression_follows_curriculum_with_bounded_kl(tmp_path):
 
 @pytest.mark.parametrize("variant", ["neuron", "adapter"])
 def test_resume_equals_uninterrupted_run(tmp_path, variant):
-    full = _options(tmp_path, variant=variant, steps=6, save_every=3, output_dir=str(tmp_path / "full"))
+    full = _options(tmp_path, variant=variant, steps=6, save_every=3, output_dir=str(tmp_path / "full"),
+                    compression_ema=0.9)  # the running fraction is training state too
     tied = variant == "adapter"  # save_pretrained drops the tied lm_head: resume must cope
     a = retrofit(tiny_model("llama", tie_word_embeddings=tied), **full)
     resumed = dict(full, output_dir=str(tmp_path / "resumed"), resume_from=str(tmp_path / "full" / "checkpoint-000003"))

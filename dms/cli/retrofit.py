@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from dms.train.config import COMPRESSION_TERMS, DTYPES, TRAIN_MODES, VARIANTS, TrainConfig
+from dms.train.config import DTYPES, TRAIN_MODES, VARIANTS, TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,9 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha-offset", type=float, default=d["alpha_offset"].default)
     p.add_argument("--compression-weight", type=float, default=d["compression_weight"].default,
                    help="weight of the max(0, target - evicted) term")
-    p.add_argument("--compression-term", choices=COMPRESSION_TERMS, default=d["compression_term"].default,
-                   help="one-sided: max(0, target - evicted), the paper's; two-sided: |target - evicted|, which "
-                        "also pulls an overshoot back (small micro-batches ratchet the one-sided term past the target)")
+    p.add_argument("--compression-ema", type=float, default=d["compression_ema"].default,
+                   help="0 (the paper): the compression term sees each micro-batch's evicted fraction; beta in (0, 1): "
+                        "a running mean over steps (beta * past + (1 - beta) * this batch), which stops small "
+                        "micro-batches from ratcheting the CR past the target")
     p.add_argument("--kl-chunk-tokens", type=int, default=d["kl_chunk_tokens"].default,
                    help="positions whose vocabulary logits are alive at once")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 TRAIN_MODES = ("adapter-only", "full")
 VARIANTS = ("neuron", "adapter")
-COMPRESSION_TERMS = ("one-sided", "two-sided")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -36,7 +35,7 @@ class TrainConfig:
     alpha_scale: float = 100.0
     alpha_offset: float = 5.0
     compression_weight: float = 1.0
-    compression_term: str = "one-sided"  # see dms.train.loss.compression_loss
+    compression_ema: float = 0.0  # 0: the term sees each micro-batch alone (the paper); see trainer
     kl_chunk_tokens: int = 256  # rows of the [tokens, vocab] logit matrix alive at once
     attention_chunk: int | None = None  # query rows per chunk of the CPU training attention
     activation_checkpointing: bool = False
@@ -66,7 +65,7 @@ class TrainConfig:
             ("variant", self.variant in VARIANTS, f"one of {VARIANTS}"),
             ("tau", self.tau > 0, "a number > 0"),
             ("compression_weight", self.compression_weight >= 0, "a number >= 0"),
-            ("compression_term", self.compression_term in COMPRESSION_TERMS, f"one of {COMPRESSION_TERMS}"),
+            ("compression_ema", 0 <= self.compression_ema < 1, "a number in [0, 1)"),
             ("kl_chunk_tokens", self.kl_chunk_tokens >= 1, "an int >= 1"),
             ("attention_chunk", self.attention_chunk is None or self.attention_chunk >= 1, "None or an int >= 1"),
             ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),

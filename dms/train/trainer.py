@@ -10,8 +10,8 @@ values swapped in, so it stays exactly the plain model.
 Loss per micro-batch: KL(student || teacher) averaged over real positions other than EOS (after
 an EOS comes an unrelated packed document; of a prompt + completion document, only the positions
 that predict the completion), + compression_weight * max(0, target - evicted
-fraction) (or |target - evicted fraction| with compression_term "two-sided"), the fraction over
-every layer, KV head and decision that has a target token.
+fraction), the fraction over every layer, KV head and decision that has a target token (with
+compression_ema > 0, the term sees a running mean of past steps' fractions: loss.smoothed_fraction).
 
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
 checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
@@ -36,7 +36,7 @@ from dms.attention.training import decision_mask
 from dms.train.config import SUPPORTED_ARCHS, TrainConfig
 from dms.train.data import SampleStream, one_per_row, pack, read_documents
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
-                            mean_abs_logit)
+                            mean_abs_logit, smoothed_fraction)
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -198,6 +198,7 @@ class Trainer:
             ids_ = [self.device.index] if self.device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(self.student, device_ids=ids_)
         self.step, self.samples = 0, 0
+        self.running_fraction: float | None = None  # mean over ranks and micro-batches, so equal on every rank
         torch.manual_seed(cfg.seed + rank)
         if cfg.resume_from:
             self._resume(cfg.resume_from)
@@ -260,7 +261,8 @@ class Trainer:
             with contextlib.nullcontext() if sync else self.student.no_sync():
                 kl, fraction, abs_logit = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h,
                                                        teacher_head)
-                comp = compression_loss(fraction, target_frac, cfg.compression_term == "two-sided")
+                comp = compression_loss(smoothed_fraction(fraction, self.running_fraction, cfg.compression_ema),
+                                        target_frac)
                 ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
             sums += torch.tensor([kl.item(), comp.item(), fraction.item(), abs_logit.item(), float(real.sum())],
                                  dtype=torch.float64)
@@ -275,6 +277,8 @@ class Trainer:
             dist.all_reduce(sums)
         n = cfg.grad_accum * self.world
         kl, comp, frac, abs_logit = (sums[:4] / n).tolist()
+        beta = cfg.compression_ema
+        self.running_fraction = frac if self.running_fraction is None else beta * self.running_fraction + (1 - beta) * frac
         seconds = time.perf_counter() - t0
         return {"step": self.step, "loss": kl + cfg.compression_weight * comp, "kl": kl, "compression_loss": comp,
                 "evicted_fraction": frac, "achieved_cr": 1.0 / max(1.0 - frac, 1e-9), "mean_abs_logit": abs_logit,
@@ -290,6 +294,7 @@ class Trainer:
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
             torch.save({"step": self.step, "samples": self.samples, "world_size": self.world,
+                        "running_fraction": self.running_fraction,
                         "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict(),
                         "neuron_rows": None if self.neuron is None else self.neuron.state()},
                        os.path.join(directory, STATE_FILE))
@@ -326,6 +331,7 @@ class Trainer:
         if self.neuron is not None:
             self.neuron.load_state(state["neuron_rows"])
         self.step, self.samples = state["step"], state["samples"]
+        self.running_fraction = state.get("running_fraction")  # absent in checkpoints of older versions
         rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_path):
             raise FileNotFoundError(f"resume_from {directory!r} lacks rng_rank{self.rank}.pt (incomplete checkpoint)")
