@@ -40,7 +40,8 @@ def missing_files(model_dir: Path) -> list[str]:
 def how_to_produce(model_dir: Path) -> str:
     f = folders(model_dir)
     return (
-        "Produce them with:\n"
+        "Produce them as shipped with bash scripts/build_shipped_models.sh RUN_DIR (hours on a CPU),\n"
+        "or quick ones of your own:\n"
         "  1. base model: python scripts/train_base_model.py --out RUN --final-eval,\n"
         f"     then copy RUN/final/ to {f['base']}/\n"
         + "".join(f"  {i}. DMS {r}x: dms retrofit {f['base']} --data DATA.jsonl --target-cr {r} --output-dir {f[r]}\n"
