@@ -46,7 +46,7 @@ base --out "$RUN/base" --mix "$HARD_MIX" --steps 31062 --decay-frac 0.048290580 
 # then trained with cwe weighted 12: the narrow model never learned cwe (0.58 / 0.67 at 128 / 512
 # tokens). Stages wide2a, wide2b and v2c were stopped by hand where the next stage took their model/
 # folder (saved at each eval); --stop-step stops them there. Later flags override earlier ones
-# (argparse). tests/test_build_shipped_models.py checks every stage against the logged runs.
+# (argparse). tests/scripts/test_build_shipped_models.py checks every stage against the logged runs.
 WIDE_MIX="niah_single=1,niah_multikey=1,niah_multivalue=1,niah_multiquery=1,vt=4,cwe=12,arith_trace=4,copy_list=1,kv_recall=1"
 wide() {  # usage: wide OUT INIT [flags]
   local out="$1" init="$2"; shift 2

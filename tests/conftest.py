@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny DMS models of the four architectures with evictions forced often,
-and the dense oracle (a model forward without cache whose visibility mask comes from
-dms.reference.visibility_mask)."""
+"""Shared fixtures and helpers: tiny DMS models of the four architectures with evictions forced
+often, the dense oracle (a model forward without cache whose visibility mask comes from
+dms.reference.visibility_mask), an empty paged store, and a folder of tiny models laid out like
+dms/assets."""
 from __future__ import annotations
 
 import pytest
@@ -66,3 +67,42 @@ def left_padded(lengths, vocab: int = 128, pad: int = 0, seed: int = 0):
         ids[b, T - n:] = torch.randint(3, vocab, (n,), generator=gen)
         mask[b, T - n:] = 1
     return ids, mask
+
+
+def new_store(S, P, page_size, max_pages, window, D, dtype=torch.float32, seed=0):
+    """An empty cache with a shuffled free list (so page order matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    return dict(
+        k_pages=torch.zeros(P, page_size, D, dtype=dtype), v_pages=torch.zeros(P, page_size, D, dtype=dtype),
+        block_table=torch.full((S, max_pages), -1, dtype=torch.int32), seq_lens=torch.zeros(S, dtype=torch.int32),
+        num_seen=torch.zeros(S, dtype=torch.int32), ring_slots=torch.zeros(S, window + 1, dtype=torch.int32),
+        ring_flags=torch.zeros(S, window + 1, dtype=torch.bool),
+        free_pages=torch.randperm(P, generator=gen).int(), free_top=torch.tensor([P], dtype=torch.int32))
+
+
+TINY_WINDOWS = {4: 24, 8: 12}
+
+
+def tiny_model_dir(root, seed: int = 0) -> dict:
+    """Writes root/base (random tiny Qwen3 + the dms.tasks tokenizer) and root/dms-4x, root/dms-8x
+    (the same weights with a DMS adapter that evicts everything leaving its window)."""
+    import dms
+    from dms.models.tiny import tiny_model
+    from dms.tasks.tokenizer import save_tokenizer
+
+    tok = save_tokenizer(root / "base")
+    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+               pad_token_id=tok.pad_token_id)
+    tiny_model("qwen3", seed=seed, **ids).save_pretrained(root / "base")
+    paths = {"base": root / "base"}
+    for ratio, window in TINY_WINDOWS.items():
+        model = tiny_model("qwen3", seed=seed, **ids)
+        dms.apply(model, dms_window_size=window, dms_separate_alpha=True)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
+        folder = root / f"dms-{ratio}x"
+        model.save_pretrained(folder)
+        save_tokenizer(folder)
+        paths[ratio] = folder
+    return paths

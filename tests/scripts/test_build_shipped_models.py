@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "build_shipped_models.sh"
 # Where a run was saved or how fast it went, not what it computed.
 NOT_TRAINING = {"out", "init_from", "threads", "ckpt_minutes", "log_every", "eval_every", "eval_samples",

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dms.models.tiny import tiny_model
 
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 def _module(name):

@@ -4,7 +4,7 @@ dms/reference.py, comparing the full state, and random inputs to every op.
 Hypothesis profiles: "dms-fuzz-ci" (default: few examples, derandomized, the file stays well
 under a minute on one core) and "dms-fuzz-long" (many random examples, for local runs):
 
-    DMS_FUZZ_PROFILE=dms-fuzz-long OMP_NUM_THREADS=1 pytest tests/test_fuzz.py
+    DMS_FUZZ_PROFILE=dms-fuzz-long OMP_NUM_THREADS=1 pytest tests/ops/test_fuzz.py
 
 A failing example that hypothesis shrinks becomes a regular test at the end of this file.
 """
@@ -16,7 +16,7 @@ import os
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_ops_append import new_store
+from conftest import new_store
 
 import dms  # noqa: F401  (loads the ops)
 from dms import reference

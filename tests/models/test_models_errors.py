@@ -1,6 +1,6 @@
 """dms.from_pretrained on damaged checkpoints: every bad dms_* config value, unknown DMS key,
 missing / extra / misshaped / non-finite DMS weight fails with a message naming the key; none
-loads as a silently vanilla model. (tests/test_models.py covers the whole-variant mismatches.)"""
+loads as a silently vanilla model. (tests/models/test_models.py covers the whole-variant mismatches.)"""
 from __future__ import annotations
 
 import json

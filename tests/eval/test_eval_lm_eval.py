@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from test_eval import tiny_model_dir
+from conftest import tiny_model_dir
 
 import dms
 

@@ -6,37 +6,13 @@ import json
 
 import pytest
 import torch
+from conftest import TINY_WINDOWS, tiny_model_dir
 
 import dms
 from dms.cli import main
-from dms.models.tiny import tiny_model
 
 # Windows of the tiny "DMS" models: they evict every token leaving the window, so on ~100-token
 # prompts they keep w + 1 tokens per head, i.e. roughly 4x and 8x.
-TINY_WINDOWS = {4: 24, 8: 12}
-
-
-def tiny_model_dir(root, seed: int = 0) -> dict:
-    """Writes root/base (random tiny Qwen3 + the dms.tasks tokenizer) and root/dms-4x, root/dms-8x
-    (the same weights with a DMS adapter that evicts everything leaving its window)."""
-    from dms.tasks.tokenizer import save_tokenizer
-
-    tok = save_tokenizer(root / "base")
-    ids = dict(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-               pad_token_id=tok.pad_token_id)
-    tiny_model("qwen3", seed=seed, **ids).save_pretrained(root / "base")
-    paths = {"base": root / "base"}
-    for ratio, window in TINY_WINDOWS.items():
-        model = tiny_model("qwen3", seed=seed, **ids)
-        dms.apply(model, dms_window_size=window, dms_separate_alpha=True)
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
-        folder = root / f"dms-{ratio}x"
-        model.save_pretrained(folder)
-        save_tokenizer(folder)
-        paths[ratio] = folder
-    return paths
 
 
 def test_eval_writes_table_json_and_png(tmp_path, capsys):

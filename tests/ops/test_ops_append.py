@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dms  # noqa: F401  (loads the ops)
+from conftest import new_store
 from dms import reference as ref
 
 ops = torch.ops.dms
@@ -13,16 +14,6 @@ BOUNDED = settings(max_examples=25, deadline=None, derandomize=True)
 STATE = ("k_pages", "v_pages", "block_table", "seq_lens", "num_seen", "ring_slots", "ring_flags",
          "free_pages", "free_top")
 
-
-def new_store(S, P, page_size, max_pages, window, D, dtype=torch.float32, seed=0):
-    """An empty cache with a shuffled free list (so page order matters)."""
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        k_pages=torch.zeros(P, page_size, D, dtype=dtype), v_pages=torch.zeros(P, page_size, D, dtype=dtype),
-        block_table=torch.full((S, max_pages), -1, dtype=torch.int32), seq_lens=torch.zeros(S, dtype=torch.int32),
-        num_seen=torch.zeros(S, dtype=torch.int32), ring_slots=torch.zeros(S, window + 1, dtype=torch.int32),
-        ring_flags=torch.zeros(S, window + 1, dtype=torch.bool),
-        free_pages=torch.randperm(P, generator=gen).int(), free_top=torch.tensor([P], dtype=torch.int32))
 
 
 def clone(store):

@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from dms.tasks import generate, normalize
 from dms.tasks.vocab import KEYS
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_base_model.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_base_model.py"
 TINY = ["--arch", "llama", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1",
         "--intermediate", "64", "--min-len", "80", "--start-len", "96", "--max-len", "96",
         "--curriculum-steps", "4", "--batch-tokens", "192", "--warmup", "2", "--steps", "8",

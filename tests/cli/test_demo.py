@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from test_eval import tiny_model_dir
+from conftest import tiny_model_dir
 
 from dms.cli import main
 

@@ -9,7 +9,7 @@ from dms.tasks import TASKS, normalize
 from dms.tasks.tokenizer import save_tokenizer
 from dms.train.data import read_documents
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_retrofit_data.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_retrofit_data.py"
 
 
 def _script():

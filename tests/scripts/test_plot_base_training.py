@@ -3,7 +3,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "plot_base_training.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "plot_base_training.py"
 spec = importlib.util.spec_from_file_location("plot_base_training", SCRIPT)
 plot = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(plot)
