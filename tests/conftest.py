@@ -11,6 +11,17 @@ from dms.models.tiny import ARCHS
 
 VARIANTS = ("neuron", "adapter")
 
+# CUDA joins only where it exists, so a CPU-only run shows no skips.
+DEVICES = ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+# Modules named *_cuda.py exercise GPU-only code paths: collected only where CUDA is available.
+collect_ignore_glob = [] if torch.cuda.is_available() else ["*_cuda.py"]
+
+
+@pytest.fixture(params=DEVICES, scope="session")
+def device(request):
+    """The device an op or model test runs on (session scope, so hypothesis tests can take it)."""
+    return torch.device(request.param)
+
 
 def forced_dms_model(arch: str, variant: str = "neuron", window: int = 3, seed: int = 0, **dms_kwargs):
     """A tiny DMS model whose decisions evict about half of the tokens, with margins far from
