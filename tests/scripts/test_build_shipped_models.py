@@ -1,8 +1,9 @@
 """scripts/build_shipped_models.sh runs the stages that made the shipped base: each training
 command it issues, parsed by the real argument parser, equals the arguments logged by the run
-that trained that stage (candidates/*/ logs). Training itself is stubbed out (hours of CPU)."""
+that trained that stage (docs/shipped-models/ logs). Training itself is stubbed out (hours of CPU)."""
 from __future__ import annotations
 
+import gzip
 import importlib.util
 import json
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
+LOGS = ROOT / "docs" / "shipped-models"
 SCRIPT = ROOT / "scripts" / "build_shipped_models.sh"
 # Where a run was saved or how fast it went, not what it computed.
 NOT_TRAINING = {"out", "init_from", "threads", "ckpt_minutes", "log_every", "eval_every", "eval_samples",
@@ -68,7 +70,8 @@ def _training_runs(issued):
 
 
 def _logged_starts(path: Path) -> list[dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
     return [r for r in rows if r.get("event") == "start"]
 
 
@@ -79,9 +82,9 @@ def _same_training(issued_args: dict, logged_args: dict) -> dict:
 
 def test_wide_stages_match_the_logged_runs(issued):
     runs = _training_runs(issued)
-    stages = {r["stage"]: r["args"] for r in _logged_starts(ROOT / "candidates/base-wide-v2/train_log_stages.jsonl")}
+    stages = {r["stage"]: r["args"] for r in _logged_starts(LOGS / "v2_stages_train_log.jsonl.gz")}
     stages |= {f"2{k}": r["args"] for k, r in zip(
-        "abc", _logged_starts(ROOT / "candidates/base-wide/train_log_cwe_curriculum.jsonl"))}
+        "abc", _logged_starts(LOGS / "wide2_cwe_curriculum_train_log.jsonl.gz"))}
     names = {"a": "v2a", "b": "v2b", "c": "v2c", "d": "v2d", "e": "v2e", "f": "v2f",
              "2a": "wide2a", "2b": "wide2b", "2c": "wide2c"}
     # Stopped by hand where the next stage took their model/ folder (600 of a --stop-step 3000 run;
@@ -94,7 +97,7 @@ def test_wide_stages_match_the_logged_runs(issued):
 
 def test_first_wide_stage_matches_its_final_schedule(issued):
     # Stage 1 was resumed three times with a shorter --steps; its last start holds the schedule run.
-    last = _logged_starts(ROOT / "candidates/base-wide/train_log.jsonl")[-1]["args"]
+    last = _logged_starts(LOGS / "wide1_train_log.jsonl.gz")[-1]["args"]
     assert _same_training(_training_runs(issued)["wide1"], last) == {}
 
 
