@@ -112,5 +112,6 @@ cp "$BASE"/{config.json,generation_config.json,model.safetensors,tokenizer.json,
 for r in 4 8; do
   mkdir -p "$ASSETS/dms-${r}x"
   cp "$RUN/dms-${r}x"/{config.json,generation_config.json,model.safetensors} "$ASSETS/dms-${r}x/"
+  cp "$BASE"/{tokenizer.json,tokenizer_config.json} "$ASSETS/dms-${r}x/"
 done
 echo "shipped models in $ASSETS; run: dms demo"
