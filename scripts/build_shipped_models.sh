@@ -89,8 +89,9 @@ BASE="$RUN/v2f/final"
 # 3. Retrofits in two phases. Phase 1: the compression ramp (to the target at step 640), constant lr.
 # Phase 2 continues it with the lr decaying over the last 600 steps and --compression-ema 0.9: the
 # one-sided term then judges a running mean of the evicted fraction, not each 4-sequence batch's
-# (on candidates/base-wide it held 8.2-8.8x at target 8x where the per-batch term drifted to 9-10x;
-# it cannot pull back a CR that overshot in phase 1: this 8x ends near 10.4x). --alpha-scale 10:
+# (continuing an alpha-10 8x run of the part-2 base it held 8.2-8.8x where the per-batch term drifted
+# to 9-10x, docs/retrofit.md; it cannot pull back a CR that overshot in phase 1: this 8x ends near
+# 10.4x). --alpha-scale 10:
 # at the default 100 the eviction logits of this wider model saturate and stop learning.
 [ -f "$RUN/retrofit12k.jsonl" ] || python "$ROOT/scripts/make_retrofit_data.py" --out "$RUN/retrofit12k.jsonl" \
   --samples 12000 --lengths 128 256 512
