@@ -1,9 +1,11 @@
-"""The DMS KV cache: a transformers ``Cache`` over the paged store of DESIGN.md §2.
+"""The DMS KV cache: a transformers ``Cache`` over the paged store of docs/design.md §2.
 
-One ``DMSLayer`` per decoder layer holds the paged store of ``S = batch * n_kv_heads``
-independent sequences and is written only through ``torch.ops.dms.append`` (a token leaving
-the window with its eviction flag set hands its slot to the newest token). Attention code
-(``dms.attention``) reads it with ``paged_decode_attention`` or ``prefill_view``.
+``AttentionCache`` is the interface a DMS attention layer talks to: the layer projects q, k, v
+and the eviction decisions, and the cache stores what it keeps and runs the attention
+(``attend``). ``DMSCache`` implements it with one ``DMSLayer`` per decoder layer, each owning a
+``dms.store.PagedStore`` of ``S = batch * n_kv_heads`` independent sequences, written only
+through ``dms.append`` (a token leaving the window with its eviction flag set hands its slot to
+the newest token). The eviction baselines (``dms.baselines.PolicyCache``) implement it too.
 
 Page pool sizing avoids a device->host sync per step: the host keeps an upper bound on the
 pages that may be in use (every appended token counted as if it took a new slot) and only
@@ -12,6 +14,7 @@ geometrically, so copies are amortised.
 """
 from __future__ import annotations
 
+import abc
 import math
 import re
 from dataclasses import dataclass
@@ -19,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from dms._ops import ops
+from dms.attention.infer import prefill_attention
+from dms.store import PagedStore
 
 # Growth factor of the page pool and the block table when the bound says they may overflow
 # (small: the pool is what DMS saves; geometric, so copies stay amortised).
@@ -45,23 +49,57 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+class AttentionCache(Cache, abc.ABC):
+    """A cache that runs attention itself: the DMS attention layer hands it the projected,
+    post-RoPE q, k, v of each forward. Implemented by ``DMSCache`` and
+    ``dms.baselines.PolicyCache``; any other cache object is either a plain transformers
+    ``Cache`` (mode "off" only) or refused."""
+
+    @abc.abstractmethod
+    def check_model(self, mode: str, window: int) -> None:
+        """Raise (ValueError) unless this cache can serve a DMS model in ``mode`` whose
+        ``dms_window_size`` is ``window``."""
+
+    @abc.abstractmethod
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               decisions: torch.Tensor | None, padding: torch.Tensor | None, scale: float) -> torch.Tensor:
+        """q [B, Hq, T, D], k/v [B, H_kv, T, D] post-RoPE, decisions bool [B, H_kv, T] (1 = evict
+        the previous token; None in mode "off"), padding bool [B, T] (True = real token) or None
+        -> attention output [B, Hq, T, D] (zeros at pad queries)."""
+
+
+def sequences(q, k, v, decisions, padding):
+    """[B, H, T, ...] -> one row per (batch row, KV head): q [S, G, T, D], k/v [S, T, D],
+    decisions/valid bool [S, T] (valid None without padding, decisions zeros when None)."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    S = B * Hkv
+    ds = (torch.zeros(S, T, dtype=torch.bool, device=q.device) if decisions is None
+          else decisions.reshape(S, T))
+    valid = None if padding is None else padding[:, None, :].expand(B, Hkv, T).reshape(S, T)
+    return q.reshape(S, Hq // Hkv, T, D), k.reshape(S, T, D), v.reshape(S, T, D), ds, valid
+
+
 @dataclass
 class PrefillView:
-    """Live slots of every sequence as padded dense tensors, for a prefill chunk on top of
-    an existing cache. ``last_query[s, j]`` is the last valid-token index allowed to see slot
-    ``j`` (``k + window`` once flagged, ``int64 max`` otherwise; -1 past ``seq_lens``).
-    The newest token's flag is not known yet: ``newest_slot``/``newest_index`` locate it so the
-    caller sets it from the chunk's first valid decision."""
+    """Live slots of every sequence as padded dense tensors, for a prefill chunk on top of an
+    existing cache. ``token_index[s, j]`` is the index (among the tokens seen) of the token in
+    slot ``j`` while it is in the window's ring, -1 once it left it (kept for good);
+    ``flagged`` marks ring tokens whose eviction flag is set. The newest token's flag is not
+    known yet: ``newest_slot`` locates it (-1 for an empty sequence) so the caller sets it
+    from the chunk's first valid decision."""
 
     keys: torch.Tensor  # [S, L, D]
     values: torch.Tensor  # [S, L, D]
-    last_query: torch.Tensor  # int64 [S, L]
-    newest_slot: torch.Tensor  # int64 [S], -1 for an empty sequence
+    live: torch.Tensor  # bool [S, L]
+    token_index: torch.Tensor  # int64 [S, L]
+    flagged: torch.Tensor  # bool [S, L]
+    newest_slot: torch.Tensor  # int64 [S]
     num_seen: torch.Tensor  # int64 [S]
 
 
 class DMSLayer(CacheLayerMixin):
-    """Paged DMS store of one decoder layer (tensor names follow csrc/torch_bindings.cpp)."""
+    """Paged DMS store of one decoder layer (``self.store``, a dms.store.PagedStore)."""
 
     is_sliding = False
     is_croppable = False
@@ -88,74 +126,57 @@ class DMSLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """``key_states`` [S, T, D] of the first append fixes S, D, dtype and device."""
         S, _, D = key_states.shape
-        dev, dt = key_states.device, key_states.dtype
-        self.dtype, self.device, self.num_seqs, self.head_dim = dt, dev, S, D
-        self.k_pages = torch.empty(0, self.page_size, D, dtype=dt, device=dev)
-        self.v_pages = torch.empty(0, self.page_size, D, dtype=dt, device=dev)
-        self.block_table = torch.full((S, 0), -1, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.zeros(S, dtype=torch.int32, device=dev)
-        self.num_seen = torch.zeros(S, dtype=torch.int32, device=dev)
-        self.ring_slots = torch.zeros(S, self.window + 1, dtype=torch.int32, device=dev)
-        self.ring_flags = torch.zeros(S, self.window + 1, dtype=torch.bool, device=dev)
-        self.free_pages = torch.empty(0, dtype=torch.int32, device=dev)
-        self.free_top = torch.zeros(1, dtype=torch.int32, device=dev)
-        # Host-side bound: true lengths at the last sync + tokens appended since.
-        self._synced_lens = [0] * S
-        self._tokens_since_sync = 0
+        self.dtype, self.device, self.num_seqs, self.head_dim = key_states.dtype, key_states.device, S, D
+        self.store = PagedStore.empty(S, D, window=self.window, page_size=self.page_size,
+                                      dtype=key_states.dtype, device=key_states.device)
+        self._sync([0] * S)
         self.syncs = 0
         self.is_initialized = True
 
-    def _bound(self, extra: int) -> tuple[int, int]:
+    def _sync(self, lens: list[int]) -> None:
+        """Host-side bound: true lengths at the last sync + tokens appended since."""
+        ps = self.page_size
+        self._synced_lens = lens
+        self._synced_pages = sum(math.ceil(n / ps) for n in lens)
+        self._synced_longest = max(lens, default=0)
+        self._tokens_since_sync = 0
+
+    def _read_lens(self) -> None:
+        self._sync(self.store.seq_lens.tolist())  # the one host sync
+        self.syncs += 1
+
+    def _bound(self, extra: int, exact: bool = False) -> tuple[int, int]:
         """(pages, pages of the longest sequence) that may be in use after ``extra`` more tokens."""
         ps, t = self.page_size, self._tokens_since_sync + extra
-        per_seq = [math.ceil((n + t) / ps) for n in self._synced_lens]
-        return sum(per_seq), max(per_seq, default=0)
+        longest = math.ceil((self._synced_longest + t) / ps)
+        # ceil((n + t) / ps) <= ceil(n / ps) + ceil(t / ps): an O(1) bound that is usually enough;
+        # the exact sum (O(S) on the host) only when it is not.
+        loose = self._synced_pages + len(self._synced_lens) * math.ceil(t / ps)
+        if not exact and loose <= self.store.num_pages:
+            return loose, longest
+        return sum(math.ceil((n + t) / ps) for n in self._synced_lens), longest
 
     def _reserve(self, new_tokens: int) -> None:
         total, longest = self._bound(new_tokens)
-        if total <= self.k_pages.shape[0] and longest <= self.block_table.shape[1]:
+        if total <= self.store.num_pages and longest <= self.store.table_width:
             return
-        self._synced_lens = self.seq_lens.tolist()  # the one host sync, only when the bound says so
-        self.syncs += 1
-        self._tokens_since_sync = 0
-        total, longest = self._bound(new_tokens)
+        self._read_lens()
+        total, longest = self._bound(new_tokens, exact=True)
         room = math.ceil(_HEADROOM_TOKENS / self.page_size)
-        if total + self.num_seqs * room > self.k_pages.shape[0]:
+        if total + self.num_seqs * room > self.store.num_pages:
             self._grow_pool(total, total + self.num_seqs * room)
-        if longest + room > self.block_table.shape[1]:
-            self._grow_table(max(longest + room, math.ceil(self.block_table.shape[1] * _GROWTH)))
-
-    def _grow_table(self, cols: int) -> None:
-        if cols > self.block_table.shape[1]:
-            pad = self.block_table.new_full((self.num_seqs, cols - self.block_table.shape[1]), -1)
-            self.block_table = torch.cat([self.block_table, pad], dim=1)
+        if longest + room > self.store.table_width:
+            self.store.grow_table(max(longest + room, math.ceil(self.store.table_width * _GROWTH)))
 
     def _grow_pool(self, needed: int, wanted: int) -> None:
-        old = self.k_pages.shape[0]
-        new = max(wanted, math.ceil(old * _GROWTH))
-        if new <= old:
-            return
+        new = max(wanted, math.ceil(self.store.num_pages * _GROWTH))
         if self.max_pages is not None:
             if needed > self.max_pages:
                 raise DMSCacheFullError(
                     f"DMSCache: a layer needs {needed} pages of {self.page_size} tokens but max_pages="
                     f"{self.max_pages}; raise max_pages or use a higher compression")
             new = min(new, self.max_pages)
-        self.k_pages = self._regrow(self.k_pages, new)
-        self.v_pages = self._regrow(self.v_pages, new)
-        top = int(self.free_top[0])
-        fresh = torch.arange(old, new, dtype=torch.int32, device=self.device)
-        # New ids go below the existing free ones (the op pops from the top); the list keeps
-        # length P, entries from free_top on are unused.
-        unused = self.free_pages.new_zeros(new - (new - old) - top)
-        self.free_pages = torch.cat([fresh, self.free_pages[:top], unused])
-        self.free_top.fill_(top + new - old)
-
-    @staticmethod
-    def _regrow(pages: torch.Tensor, n: int) -> torch.Tensor:
-        grown = pages.new_empty((n, *pages.shape[1:]))  # only live slots are ever read as they are
-        grown[: pages.shape[0]] = pages
-        return grown
+        self.store.grow_pool(new)
 
     # -- writing -------------------------------------------------------------------------
     def append(self, keys: torch.Tensor, values: torch.Tensor, decisions: torch.Tensor,
@@ -173,13 +194,17 @@ class DMSLayer(CacheLayerMixin):
             T = keys.shape[1]
             if self.max_pages is not None and self._bound(T)[0] > self.max_pages:
                 self._append_at_cap(keys, values, decisions, valid)
+            elif T == 1:  # a decode step
+                self._reserve(1)
+                self.store.append(keys, values, decisions, valid)
+                self._tokens_since_sync += 1
             else:
                 # The worst case fits (or there is no cap): no piece can be refused.
                 for a in range(0, T, _APPEND_PIECE):
                     b = min(a + _APPEND_PIECE, T)
                     self._reserve(b - a)
-                    self._op_append(keys[:, a:b], values[:, a:b], decisions[:, a:b],
-                                    None if valid is None else valid[:, a:b])
+                    self.store.append(keys[:, a:b], values[:, a:b], decisions[:, a:b],
+                                      None if valid is None else valid[:, a:b])
                     self._tokens_since_sync += b - a
         except Exception:
             if self.on_refused is not None:
@@ -187,34 +212,23 @@ class DMSLayer(CacheLayerMixin):
             raise
         self.columns += T
 
-    def _op_append(self, keys, values, decisions, valid) -> None:
-        ops.append(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
-                   self.ring_slots, self.ring_flags, self.free_pages, self.free_top,
-                   keys.contiguous(), values.contiguous(), decisions.contiguous(),
-                   None if valid is None else valid.contiguous())
-
     def _append_at_cap(self, keys, values, decisions, valid) -> None:
         """The worst case (every token a new slot) would pass ``max_pages``; evictions may still
         make room. Grow up to the cap and hand the whole chunk to one op call, which takes all of
         it or nothing (fed in pieces, an early piece could be stored before a later one is
         refused)."""
-        self._synced_lens = self.seq_lens.tolist()
-        self.syncs += 1
-        self._tokens_since_sync = 0
-        total, longest = self._bound(keys.shape[1])
+        self._read_lens()
+        total, longest = self._bound(keys.shape[1], exact=True)
         room = math.ceil(_HEADROOM_TOKENS / self.page_size)
-        in_use = sum(math.ceil(n / self.page_size) for n in self._synced_lens)
-        # Growth replaces these tensors (free_top in place): a refused chunk restores them, so the
-        # layer is exactly as before.
-        saved = (self.k_pages, self.v_pages, self.block_table, self.free_pages, self.free_top.clone())
-        self._grow_pool(in_use, total + self.num_seqs * room)
-        self._grow_table(min(longest + room, self.max_pages))
+        # Growth replaces tensors: a refused chunk restores them, so the layer is exactly as before.
+        saved = self.store.snapshot()
+        self._grow_pool(self._synced_pages, total + self.num_seqs * room)
+        self.store.grow_table(min(longest + room, self.max_pages))
         try:
-            self._op_append(keys, values, decisions, valid)
-            top = int(self.free_top[0])
+            self.store.append(keys, values, decisions, valid)
+            top = int(self.store.free_top[0])
             if top == _CUDA_CORRUPT_STATE:
-                self.k_pages, self.v_pages, self.block_table, self.free_pages = saved[:4]
-                self.free_top.copy_(saved[4])
+                self.store.restore(saved)
                 raise RuntimeError(
                     "dms.append refused this layer's store as corrupt (an index tensor out of range) and "
                     "wrote nothing; its contents cannot be trusted: start a new DMSCache")
@@ -223,16 +237,14 @@ class DMSLayer(CacheLayerMixin):
         except RuntimeError as e:
             if "page pool exhausted" not in str(e) and "block_table has room" not in str(e):
                 raise
-            self.k_pages, self.v_pages, self.block_table, self.free_pages = saved[:4]
-            self.free_top.copy_(saved[4])
+            self.store.restore(saved)
             raise self._full_error(str(e)) from e
         self._tokens_since_sync += keys.shape[1]
 
     def _full_error(self, detail: str) -> DMSCacheFullError:
         """``detail``: the op's refusal, "... need N pages ..." = pages the chunk adds."""
         need = re.search(r"need (\d+) pages", detail)
-        in_use = sum(math.ceil(n / self.page_size) for n in self._synced_lens)
-        total = f"{in_use + int(need.group(1))} pages" if need else "more pages"
+        total = f"{self._synced_pages + int(need.group(1))} pages" if need else "more pages"
         return DMSCacheFullError(
             f"DMSCache: a layer needs {total} of {self.page_size} tokens but max_pages={self.max_pages} "
             f"({detail}); nothing was stored: raise max_pages or use a higher compression")
@@ -268,46 +280,44 @@ class DMSLayer(CacheLayerMixin):
             "decisions, which the plain Cache.update(key, value) call does not carry; use a DMS model "
             "(dms.apply / dms.from_pretrained) with this cache")
 
-    # -- reading -------------------------------------------------------------------------
+    # -- attention -----------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor,
+               valid: torch.Tensor | None, scale: float, prefill_chunk: int) -> torch.Tensor:
+        """One forward: q [S, G, T, D], k/v [S, T, D], decisions/valid bool [S, T] -> [S, G, T, D].
+        A decode step appends its token, then attends the paged store; a prefill chunk attends
+        the cached slots and itself (``prefill_chunk`` queries at a time), then is appended."""
+        if q.shape[2] == 1 and self.is_initialized:
+            self.append(k, v, decisions, valid)
+            return self.decode_attention(q[:, :, 0], scale)[:, :, None]
+        view = self.prefill_view() if self.is_initialized else None
+        ok = valid if valid is not None else torch.ones_like(decisions)
+        out = prefill_attention(q, k, v, decisions, ok, view, self.window, scale, prefill_chunk)
+        self.append(k, v, decisions, valid)
+        return out
+
     def decode_attention(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q [S, G, D] attends every live slot of its sequence -> [S, G, D]."""
         if self.unusable:
             raise RuntimeError(self.unusable)
-        return ops.paged_decode_attention(q.contiguous(), self.k_pages, self.v_pages, self.block_table,
-                                          self.seq_lens, float(scale))
+        return self.store.decode_attention(q, scale)
 
     def prefill_view(self) -> PrefillView:
         if self.unusable:
             raise RuntimeError(self.unusable)
-        S = self.num_seqs
-        lens = self.seq_lens.long()
-        L = int(lens.max()) if S else 0
-        ps = self.page_size
-        slot = torch.arange(L, device=self.device)
-        live = slot[None, :] < lens[:, None]
-        page = self.block_table[:, slot // ps].long().clamp_min(0) if L else self.block_table[:, :0].long()
-        # Slots past a sequence's length hold stale or uninitialised memory (possibly NaN, which
-        # a mask cannot cancel in q.k or p.v): zero them.
-        keys = self.k_pages[page, slot % ps].masked_fill_(~live[..., None], 0)  # [S, L, D]
-        values = self.v_pages[page, slot % ps].masked_fill_(~live[..., None], 0)
-        big = torch.iinfo(torch.int64).max
-        last = torch.full((S, L), big, dtype=torch.int64, device=self.device)
-        last.masked_fill_(~live, -1)
-        # Ring column c holds the token with index n - W1 + ((c - n) mod W1).
-        W1 = self.window + 1
-        n = self.num_seen.long()[:, None]
-        col = torch.arange(W1, device=self.device)[None, :]
-        idx = n - W1 + (col - n) % W1
-        in_ring = idx >= 0
-        flagged = self.ring_flags & in_ring
-        rows = torch.arange(S, device=self.device)[:, None].expand(S, W1)
-        ring_slot = self.ring_slots.long()
+        keys, values, live = self.store.dense()
+        slot, index, flagged = self.store.ring_tokens()
+        S, L = live.shape
+        token_index = torch.full((S, L), -1, dtype=torch.int64, device=self.device)
+        flag = torch.zeros(S, L, dtype=torch.bool, device=self.device)
+        in_ring = index >= 0
         if L:
-            last[rows[flagged], ring_slot[flagged]] = idx[flagged] + self.window
-        newest_col = (n.squeeze(1) - 1) % W1
-        newest = ring_slot[torch.arange(S, device=self.device), newest_col]
-        newest = torch.where(n.squeeze(1) > 0, newest, torch.full_like(newest, -1))
-        return PrefillView(keys, values, last, newest, n.squeeze(1))
+            rows = torch.arange(S, device=self.device)[:, None].expand_as(slot)
+            token_index[rows[in_ring], slot[in_ring]] = index[in_ring]
+            flag[rows[in_ring], slot[in_ring]] = flagged[in_ring]
+        n = self.store.num_seen.long()
+        newest = slot[torch.arange(S, device=self.device), (n - 1) % (self.window + 1)]
+        newest = torch.where(n > 0, newest, torch.full_like(newest, -1))
+        return PrefillView(keys, values, live, token_index, flag, newest, n)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def get_seq_length(self) -> int:
@@ -340,16 +350,13 @@ class DMSLayer(CacheLayerMixin):
     def stats(self) -> dict:
         if not self.is_initialized:
             return dict(seen=torch.zeros(0), retained=torch.zeros(0), bytes=0)
-        elem = self.k_pages.element_size()
-        pool = 2 * self.k_pages.numel() * elem
-        meta = sum(t.numel() * t.element_size() for t in (
-            self.block_table, self.seq_lens, self.num_seen, self.ring_slots, self.ring_flags,
-            self.free_pages, self.free_top))
-        return dict(seen=self.num_seen.cpu(), retained=self.seq_lens.cpu(), bytes=pool + meta,
-                    retained_bytes=2 * int(self.seq_lens.sum()) * self.head_dim * elem)
+        st = self.store
+        elem = st.k_pages.element_size()
+        return dict(seen=st.num_seen.cpu(), retained=st.seq_lens.cpu(), bytes=st.nbytes(),
+                    retained_bytes=2 * int(st.seq_lens.sum()) * self.head_dim * elem)
 
 
-class DMSCache(Cache):
+class DMSCache(AttentionCache):
     """KV cache of a DMS model: pass it to ``generate`` as ``cache=`` (transformers >= 5.24) or
     ``past_key_values=`` (DMS models made by ``dms.apply``/``dms.from_pretrained`` use one by
     default in infer mode).
@@ -377,6 +384,19 @@ class DMSCache(Cache):
             layer.on_refused = self._check_layers_agree
         self.window = window
         self.prefill_chunk = prefill_chunk
+
+    def check_model(self, mode: str, window: int) -> None:
+        if mode not in ("infer", "off"):
+            raise ValueError("DMS train mode runs without a KV cache: call the model with use_cache=False")
+        if self.window != window:
+            raise ValueError(f"this DMSCache was built for window {self.window}, the model uses "
+                             f"dms_window_size={window}; create it with DMSCache(model)")
+
+    def attend(self, layer_idx, q, k, v, decisions, padding, scale):
+        B, Hq, T, D = q.shape
+        qs, ks, vs, ds, valid = sequences(q, k, v, decisions, padding)
+        out = self.layers[layer_idx].attend(qs, ks, vs, ds, valid, scale, self.prefill_chunk)
+        return out.reshape(B, Hq, T, D)
 
     def _check_layers_agree(self) -> None:
         """After a refused append: a model forward feeds the layers one after the other, so if a

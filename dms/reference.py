@@ -1,8 +1,9 @@
 """Plain-PyTorch reference of every ``torch.ops.dms`` operator: the test oracle.
 
-Written from DESIGN.md §1-§3 for clarity, not speed: loops over sequences and tokens.
+Written from docs/design.md §1-§3 for clarity, not speed: loops over sequences and tokens.
 Signatures mirror the schemas in ``csrc/torch_bindings.cpp``; the stateful ``append``
-mutates its arguments in place exactly like the compiled operator.
+mutates its arguments in place exactly like the compiled operator, so it runs on a
+``dms.store.PagedStore`` as ``store.append(k, v, decisions, valid, op=reference.append)``.
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def flags_from_decisions(decisions: torch.Tensor, valid: torch.Tensor | None = N
 
 def visibility_mask(decisions: torch.Tensor, window: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """bool [S, T, T]: query t may attend key k iff both are valid, k <= q and
-    (q - k <= window or flag[k] == 0), distances counted in valid tokens (DESIGN.md §1)."""
+    (q - k <= window or flag[k] == 0), distances counted in valid tokens (docs/design.md §1)."""
     S, T = decisions.shape
     ok = _valid_rows(valid, S, T)
     flags = flags_from_decisions(decisions, valid).cpu()

@@ -80,15 +80,12 @@ def left_padded(lengths, vocab: int = 128, pad: int = 0, seed: int = 0):
     return ids, mask
 
 
-def new_store(S, P, page_size, max_pages, window, D, dtype=torch.float32, seed=0):
-    """An empty cache with a shuffled free list (so page order matters)."""
-    gen = torch.Generator().manual_seed(seed)
-    return dict(
-        k_pages=torch.zeros(P, page_size, D, dtype=dtype), v_pages=torch.zeros(P, page_size, D, dtype=dtype),
-        block_table=torch.full((S, max_pages), -1, dtype=torch.int32), seq_lens=torch.zeros(S, dtype=torch.int32),
-        num_seen=torch.zeros(S, dtype=torch.int32), ring_slots=torch.zeros(S, window + 1, dtype=torch.int32),
-        ring_flags=torch.zeros(S, window + 1, dtype=torch.bool),
-        free_pages=torch.randperm(P, generator=gen).int(), free_top=torch.tensor([P], dtype=torch.int32))
+def new_store(S, P, page_size, max_pages, window, D, dtype=torch.float32, seed=0, device="cpu"):
+    """An empty dms.store.PagedStore with a shuffled free list (so page order matters)."""
+    from dms.store import PagedStore
+
+    return PagedStore.empty(S, D, window=window, page_size=page_size, pages=P, table_width=max_pages, dtype=dtype,
+                            device=device, generator=torch.Generator().manual_seed(seed))
 
 
 TINY_WINDOWS = {4: 24, 8: 12}

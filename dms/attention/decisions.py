@@ -1,4 +1,4 @@
-"""Eviction logits (DESIGN.md §1): the borrowed query neuron or the separate adapter."""
+"""Eviction logits (docs/design.md §1): the borrowed query neuron or the separate adapter."""
 from __future__ import annotations
 
 import torch

@@ -1,20 +1,15 @@
-"""Inference-time DMS attention: prefill (chunked, exact mask across the cache boundary),
-decode over the paged store, and the dense path used without a cache.
+"""Inference-time DMS attention kernels in plain PyTorch: the prefill over a DMS cache
+(chunked, exact mask across the cache boundary; dms.cache calls it) and the dense path used
+without a cache. Decode reads the paged store through dms.store.PagedStore.decode_attention.
 
-Shapes: q [B, Hq, T, D], k/v [B, H_kv, T, D] post-RoPE; sequence s = b * H_kv + h holds the G
-query heads h*G .. h*G+G-1 as G query rows (no repeat_kv).
+Sequence s = b * H_kv + h holds the G query heads h*G .. h*G+G-1 as G query rows (no repeat_kv).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from dms.attention.masks import last_visible_query, valid_index
-
-try:  # CUDA fast path; its absence (always, on the CPU-only development machine) is normal
-    from flash_attn import flash_attn_with_kvcache
-except ImportError:
-    flash_attn_with_kvcache = None
+from dms.attention.masks import last_query, last_visible_query, valid_index, visible
 
 
 # Mask elements (sequences * query heads * query rows * keys) of one prefill step.
@@ -50,68 +45,41 @@ def causal_padding_mask(padding: torch.Tensor | None, batch: int, q_len: int, pa
     return allowed
 
 
-def _split(q, k, v):
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
-    S, G = B * Hkv, Hq // Hkv
-    return q.reshape(S, G, T, D), k.reshape(S, T, D), v.reshape(S, T, D)
-
-
 def prefill_attention(q, k, v, decisions, valid, view, window: int, scale: float, chunk: int):
     """Attention of T new tokens over the live slots of an existing cache (``view``, a
     dms.cache.PrefillView, or None for an empty cache) and over each other, with DMS
-    visibility. decisions/valid bool [S, T]. Queries go ``chunk`` at a time so memory stays
-    O(chunk * keys). Pad queries get zeros."""
-    B, Hq, T, D = q.shape
-    qs, ks, vs = _split(q, k, v)
-    S = ks.shape[0]
+    visibility. q [S, G, T, D], k/v [S, T, D], decisions/valid bool [S, T] -> [S, G, T, D].
+    Queries go ``chunk`` at a time so memory stays O(chunk * keys). Pad queries get zeros."""
+    S, G, T, D = q.shape
     start = view.num_seen if view is not None else torch.zeros(S, dtype=torch.long, device=q.device)
     q_idx = valid_index(valid, start)  # [S, T]
     last = last_visible_query(decisions, valid, window, start)
-    key_idx = q_idx
+    key_idx, ks, vs = q_idx, k, v
     if view is not None and view.keys.shape[1] > 0:
-        old_last = view.last_query.clone()
         # The newest cached token's flag is the decision of the chunk's first valid token.
         first = valid.long().argmax(-1)
         newest_flag = decisions.gather(1, first[:, None]).squeeze(1) & valid.any(-1) & (view.newest_slot >= 0)
+        flagged = view.flagged.clone()
         rows = torch.nonzero(newest_flag).flatten()
-        old_last[rows, view.newest_slot[rows]] = start[rows] - 1 + window
-        ks = torch.cat([view.keys, ks], dim=1)
-        vs = torch.cat([view.values, vs], dim=1)
+        flagged[rows, view.newest_slot[rows]] = True
+        old_last = last_query(view.token_index, flagged, window).masked_fill_(~view.live, -1)
+        ks = torch.cat([view.keys, k], dim=1)
+        vs = torch.cat([view.values, v], dim=1)
         last = torch.cat([old_last, last], dim=1)
         key_idx = torch.cat([torch.full_like(old_last, -1), q_idx], dim=1)
     n_old = ks.shape[1] - T
     # Queries per step: at most ``chunk``, and few enough that the mask stays in budget.
-    chunk = max(1, min(chunk, _MASK_BUDGET // (S * qs.shape[1] * ks.shape[1])))
-    out = torch.empty(S, qs.shape[1], T, D, dtype=torch.float32, device=q.device)
+    chunk = max(1, min(chunk, _MASK_BUDGET // (S * G * ks.shape[1])))
+    out = torch.empty(S, G, T, D, dtype=torch.float32, device=q.device)
     ks, vs = ks[:, None], vs[:, None]  # one KV head per sequence, G query heads (enable_gqa)
     for a in range(0, T, chunk):
         b = min(a + chunk, T)
-        qi = q_idx[:, a:b, None]
-        allowed = (key_idx[:, None, : n_old + b] <= qi) & (qi <= last[:, None, : n_old + b])
+        allowed = visible(key_idx[:, None, : n_old + b], last[:, None, : n_old + b], q_idx[:, a:b, None])
         allowed &= valid[:, a:b, None]
         # Fused attention (softmax accumulated in fp32), never materialising the scores.
         out[:, :, a:b] = F.scaled_dot_product_attention(
-            qs[:, :, a:b], ks[:, :, : n_old + b], vs[:, :, : n_old + b], attn_mask=allowed[:, None],
+            q[:, :, a:b], ks[:, :, : n_old + b], vs[:, :, : n_old + b], attn_mask=allowed[:, None],
             scale=scale, enable_gqa=True).float()
     # Pad queries see no key: their rows come out NaN (or garbage); give them zeros.
     out.masked_fill_(~valid[:, None, :, None], 0.0)
-    return out.to(q.dtype).reshape(B, Hq, T, D)
-
-
-def decode_attention(layer, q: torch.Tensor, scale: float) -> torch.Tensor:
-    """One new query per sequence over the paged store (after its token was appended).
-    q [B, Hq, 1, D] -> [B, Hq, 1, D]. On CUDA with flash_attn installed (fp16/bf16, page size a
-    multiple of 256 as its paged kernel requires), FlashAttention reads the same pages through
-    block_table; that branch cannot run on the CPU-only development machine and is untested.
-    Otherwise torch.ops.dms.paged_decode_attention (CPU and CUDA kernels)."""
-    B, Hq, _, D = q.shape
-    S = layer.num_seqs
-    qs = q.reshape(S, Hq * B // S, D)
-    if (q.is_cuda and flash_attn_with_kvcache is not None and q.dtype in (torch.float16, torch.bfloat16)
-            and layer.page_size % 256 == 0):
-        out = flash_attn_with_kvcache(qs[:, None], layer.k_pages[:, :, None], layer.v_pages[:, :, None],
-                                      cache_seqlens=layer.seq_lens, block_table=layer.block_table,
-                                      softmax_scale=scale, causal=False)
-        return out.reshape(B, Hq, 1, D)
-    return layer.decode_attention(qs, scale).reshape(B, Hq, 1, D)
+    return out.to(q.dtype)

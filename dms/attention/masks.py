@@ -1,4 +1,9 @@
-"""Eviction flags and visibility masks (DESIGN.md §1), vectorised for whole batches.
+"""Eviction flags and visibility masks (docs/design.md §1), vectorised for whole batches.
+
+The visibility rule is written here once: a key stays visible to a query ``q`` iff it is not
+later than ``q`` and ``q <= last``, where ``last`` is ``index + window`` for a flagged token
+and ``NEVER`` otherwise (``last_query`` and ``visible``). The cache-free forward, the prefill
+over a DMS cache and the tests' comparisons all build their masks from these two functions.
 
 Distances are counted in valid (non-pad) tokens. ``dms.reference.visibility_mask`` is the
 loop-based oracle the tests compare these against.
@@ -8,6 +13,18 @@ from __future__ import annotations
 import torch
 
 NEVER = torch.iinfo(torch.int64).max  # "last visible query" of a token that is never evicted
+
+
+def last_query(index: torch.Tensor, flagged: torch.Tensor, window: int) -> torch.Tensor:
+    """int64: the last token index whose query may see a token of index ``index``: ``index +
+    window`` once flagged for eviction, ``NEVER`` otherwise."""
+    return torch.where(flagged, index + window, torch.full_like(index, NEVER))
+
+
+def visible(key_index: torch.Tensor, last: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+    """bool, broadcast: a query of index ``query_index`` sees a key of index ``key_index``
+    whose last visible query is ``last`` (keys of unknown index pass -1: always earlier)."""
+    return (key_index <= query_index) & (query_index <= last)
 
 
 def valid_index(valid: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -37,8 +54,7 @@ def last_visible_query(decisions: torch.Tensor, valid: torch.Tensor, window: int
     once flagged, ``NEVER`` otherwise, -1 for pads (never visible)."""
     idx = valid_index(valid, start)
     flag = next_valid_decision(decisions, valid)
-    last = torch.where(flag, idx + window, torch.full_like(idx, NEVER))
-    return last.masked_fill(~valid, -1)
+    return last_query(idx, flag, window).masked_fill(~valid, -1)
 
 
 def visibility_mask(decisions: torch.Tensor, window: int, valid: torch.Tensor | None = None) -> torch.Tensor:
@@ -48,5 +64,4 @@ def visibility_mask(decisions: torch.Tensor, window: int, valid: torch.Tensor | 
     valid = valid.bool()
     idx = valid_index(valid)
     last = last_visible_query(decisions, valid, window)
-    q, k = idx[:, :, None], idx[:, None, :]
-    return (k <= q) & (q <= last[:, None, :]) & valid[:, :, None]
+    return visible(idx[:, None, :], last[:, None, :], idx[:, :, None]) & valid[:, :, None]

@@ -1,4 +1,4 @@
-"""Training-time DMS attention: soft, differentiable delayed eviction (DESIGN.md §1).
+"""Training-time DMS attention: soft, differentiable delayed eviction (docs/design.md §1).
 
 ``train_attention`` is what every DMS attention layer calls in "train" mode. Per KV head the
 eviction logit of token t decides token t-1:

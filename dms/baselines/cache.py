@@ -1,12 +1,12 @@
 """A KV cache that evicts with a fixed policy (StreamingLLM, H2O, TOVA) at a token budget per
-KV head, on the paged store of the DMS cache (DESIGN.md §2).
+KV head, on the paged store of the DMS cache (docs/design.md §2).
 
 ``PolicyLayer`` subclasses ``dms.cache.DMSLayer``: tokens are written by the same
 ``torch.ops.dms.append`` (decisions all 0, so nothing is evicted by the op) through the same
 page allocator. After each forward the policy picks the slots to keep, and the kept tokens
-that sit past the new length move into the freed slots (plain indexing), so slots
+that sit past the new length move into the freed slots (``PagedStore.move_slots``), so slots
 ``0 .. seq_lens-1`` stay the live ones as the ops require; pages past the new length go back
-to the free list.
+to the free list (``PagedStore.truncate``).
 
 Protocol of one forward (prefill chunk or decode step): the new tokens are appended, their
 queries attend every retained token plus the chunk itself (causally), then the cache is cut
@@ -20,7 +20,7 @@ of ``page_size`` slots: ``budget // page_size`` pages plus the newest one). Pref
 everything, as in Quest.
 
 The model runs with the vanilla attention math: a DMS model in mode "off" hands attention to
-``PolicyCache.policy_attend`` (see dms.attention.layer).
+``PolicyCache.attend`` (the ``dms.cache.AttentionCache`` interface).
 """
 from __future__ import annotations
 
@@ -29,9 +29,8 @@ import math
 import torch
 from transformers.cache_utils import Cache
 
-from dms._ops import ops
 from dms.baselines.policies import POLICIES, h2o_keep, quest_select, streaming_keep, tova_keep
-from dms.cache import DMSCache, DMSLayer
+from dms.cache import AttentionCache, DMSCache, DMSLayer, sequences
 
 # Elements of one [S, G, queries, keys] score block (queries are processed in pieces below it).
 _SCORE_BUDGET = 1 << 24
@@ -67,21 +66,21 @@ class PolicyLayer(DMSLayer):
         ok = torch.ones(S, T, dtype=torch.bool, device=q.device) if valid is None else valid
         if not self.is_initialized:
             self.lazy_initialization(k, v)
-        old_len, old_seen = self.seq_lens.long(), self.num_seen.long()
+        old_len, old_seen = self.store.seq_lens.long(), self.store.num_seen.long()
         self.append(k, v, torch.zeros(S, T, dtype=torch.bool, device=q.device), valid)
         rank = ok.long().cumsum(1) - 1  # index of each valid token among the chunk's valid tokens
         qpos = torch.where(ok, old_seen[:, None] + rank, -1)
         self._record_new(old_len[:, None] + rank, qpos, ok)
         if self.policy == "streaming" and T == 1 and bool(ok.all()):
             out = self.decode_attention(q[:, :, 0], scale)[:, :, None]  # no attention weights needed
-            self.read = self.seq_lens.long()
+            self.read = self.store.seq_lens.long()
         else:
             out = self._dense_attend(q, qpos, ok, scale)
         self._evict()
         return out
 
     def _record_new(self, slots: torch.Tensor, qpos: torch.Tensor, ok: torch.Tensor) -> None:
-        width = int(self.seq_lens.max())
+        width = int(self.store.seq_lens.max())
         if width > self.positions.shape[1]:
             grow = max(width, math.ceil(self.positions.shape[1] * 1.25)) - self.positions.shape[1]
             self.positions = torch.cat([self.positions, self.positions.new_zeros(self.num_seqs, grow)], 1)
@@ -90,24 +89,11 @@ class PolicyLayer(DMSLayer):
         self.positions[rows[ok], slots[ok]] = qpos[ok]
         self.scores[rows[ok], slots[ok]] = 0.0
 
-    def _dense(self):
-        """Live slots as padded [S, L, D] keys and values (via gather_varlen), and live [S, L]."""
-        lens = self.seq_lens.long()
-        L = int(lens.max())
-        kp, cu, _ = ops.gather_varlen(self.k_pages, self.block_table, self.seq_lens)
-        vp, _, _ = ops.gather_varlen(self.v_pages, self.block_table, self.seq_lens)
-        j = torch.arange(L, device=self.device)
-        live = j[None, :] < lens[:, None]
-        idx = (cu[:-1].long()[:, None] + j[None, :]).clamp_max(max(kp.shape[0] - 1, 0))
-        keys = kp[idx].masked_fill_(~live[..., None], 0)
-        values = vp[idx].masked_fill_(~live[..., None], 0)
-        return keys, values, live
-
     def _dense_attend(self, q, qpos, ok, scale):
         """Eager attention over the live slots (a Quest decode step: over its selected pages),
         keeping the probabilities H2O and TOVA score with."""
         S, G, T, D = q.shape
-        keys, values, live = self._dense()
+        keys, values, live = self.store.dense()
         if self.policy == "quest" and T == 1:
             live = quest_select(q[:, :, 0], keys, live, self.page_size, self.budget)
         self.read = live.sum(1)
@@ -147,7 +133,7 @@ class PolicyLayer(DMSLayer):
         return tova_keep(scores, live, self.budget)
 
     def _evict(self) -> None:
-        lens = self.seq_lens.long()
+        lens = self.store.seq_lens.long()
         L = int(lens.max())
         if L <= self.budget or self.policy == "quest":
             return
@@ -162,33 +148,13 @@ class PolicyLayer(DMSLayer):
         pair = movers != big
         rows = torch.arange(self.num_seqs, device=self.device)[:, None].expand_as(pair)[pair]
         src, dst = movers[pair], holes[pair]
-        flat_k = self.k_pages.view(-1, self.head_dim)
-        flat_v = self.v_pages.view(-1, self.head_dim)
-        src_row, dst_row = self._row(rows, src), self._row(rows, dst)
-        flat_k[dst_row] = flat_k[src_row]
-        flat_v[dst_row] = flat_v[src_row]
+        self.store.move_slots(rows, src, dst)
         self.positions[rows, dst] = self.positions[rows, src]
         self.scores[rows, dst] = self.scores[rows, src]
-        self.seq_lens.copy_(n.to(torch.int32))
-        self._release_pages(n)
-
-    def _row(self, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        ps = self.page_size
-        return self.block_table[rows, slots // ps].long() * ps + slots % ps
-
-    def _release_pages(self, lens: torch.Tensor) -> None:
-        """Pages past each sequence's length go back on the free list (append pops a fresh page
-        whenever a new slot starts one, so a page left mapped there would leak)."""
-        cols = torch.arange(self.block_table.shape[1], device=self.device)[None, :]
-        freed = (cols >= (lens[:, None] + self.page_size - 1) // self.page_size) & (self.block_table >= 0)
-        ids = self.block_table[freed]
-        top = int(self.free_top[0])
-        self.free_pages[top: top + ids.numel()] = ids
-        self.free_top += ids.numel()
-        self.block_table[freed] = -1
+        self.store.truncate(n)
 
 
-class PolicyCache(Cache):
+class PolicyCache(AttentionCache):
     """KV cache evicting with ``policy`` ("streaming", "h2o" or "tova") down to ``budget`` tokens
     per (batch row, KV head) after every forward, or ("quest") keeping everything and reading
     about ``budget`` tokens per decode step. Use it with a DMS model in mode "off" (the plain
@@ -205,15 +171,20 @@ class PolicyCache(Cache):
         super().__init__(layers=[PolicyLayer(policy, budget, page_size, sinks, recent) for _ in range(num_layers)])
         self.policy, self.budget = policy, budget
 
-    def policy_attend(self, layer_idx: int, q, k, v, padding, scale: float) -> torch.Tensor:
-        """q [B, Hq, T, D], k/v [B, H_kv, T, D] post-RoPE, padding bool [B, T] or None -> [B, Hq, T, D]."""
+    def check_model(self, mode: str, window: int) -> None:
+        if mode == "train":
+            raise ValueError("DMS train mode runs without a KV cache: call the model with use_cache=False")
+        if mode != "off":
+            raise ValueError("an eviction-policy cache runs the plain model's attention: call "
+                             "dms.models.set_mode(model, 'off') first")
+
+    def attend(self, layer_idx, q, k, v, decisions, padding, scale):
+        """The policy decides what to keep: ``decisions`` must be None (mode "off")."""
+        if decisions is not None:
+            raise ValueError("an eviction-policy cache takes no DMS decisions (mode 'off')")
         B, Hq, T, D = q.shape
-        Hkv = k.shape[1]
-        S = B * Hkv
-        valid = None if padding is None else padding[:, None, :].expand(B, Hkv, T).reshape(S, T)
-        out = self.layers[layer_idx].attend(q.reshape(S, Hq // Hkv, T, D), k.reshape(S, T, D), v.reshape(S, T, D),
-                                            valid, scale)
-        return out.reshape(B, Hq, T, D)
+        qs, ks, vs, _, valid = sequences(q, k, v, None, padding)
+        return self.layers[layer_idx].attend(qs, ks, vs, valid, scale).reshape(B, Hq, T, D)
 
     def read_ratio(self) -> float:
         """Tokens seen / keys the last query read, each summed over layer, batch row and KV head (for
@@ -221,7 +192,7 @@ class PolicyCache(Cache):
         layers = [layer for layer in self.layers if layer.is_initialized]
         if not layers:
             return 1.0
-        seen = torch.stack([layer.num_seen.double() for layer in layers])
+        seen = torch.stack([layer.store.num_seen.double() for layer in layers])
         read = torch.stack([layer.read.double() for layer in layers])
         ok = read > 0
         return float(seen[ok].sum() / read[ok].sum()) if ok.any() else 1.0

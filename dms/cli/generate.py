@@ -68,7 +68,7 @@ def run(args) -> int:
 def report(cache) -> str:
     stats = cache.stats()
     layer = next(layer for layer in cache.layers if layer.is_initialized)
-    dense = 2 * stats["seen"] * layer.head_dim * layer.k_pages.element_size()
+    dense = 2 * stats["seen"] * layer.head_dim * layer.dtype.itemsize
     mib = 1 / 2**20
     return (f"[dms] compression ratio {stats['compression_ratio']:.2f}x "
             f"(tokens seen / retained, mean over layers and KV heads); "

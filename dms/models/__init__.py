@@ -34,9 +34,9 @@ def _per_layer(model, recorded: dict[int, torch.Tensor], modes: str) -> list[tor
 
 
 def last_decisions(model) -> list[torch.Tensor]:
-    """Per layer, the decisions [B, H_kv, T] of the most recent forward: straight-through hard
-    decisions (with grad) in train mode, hard decisions as float in infer mode."""
-    return _per_layer(model, runtime(model).last_decisions, "'infer' or 'train'")
+    """Per layer, the straight-through hard decisions [B, H_kv, T] (with grad) of the most
+    recent train-mode forward (an inference forward stores none: a DMSCache holds its result)."""
+    return _per_layer(model, runtime(model).last_decisions, "'train'")
 
 
 def last_logits(model) -> list[torch.Tensor]:

@@ -78,11 +78,11 @@ def test_generate_keeps_exactly_the_budget(policy):
     model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=10, do_sample=False,
                    pad_token_id=0)
     for layer in cache.layers:
-        assert layer.seq_lens.tolist() == [12] * 4  # 2 batch rows x 2 KV heads
-        assert layer.num_seen.tolist() == [49, 49, 42, 42]
+        assert layer.store.seq_lens.tolist() == [12] * 4  # 2 batch rows x 2 KV heads
+        assert layer.store.num_seen.tolist() == [49, 49, 42, 42]
         # Every page still mapped belongs to a live slot; the rest is back on the free list.
-        mapped = int((layer.block_table >= 0).sum())
-        assert mapped == 4 * 3 and mapped + int(layer.free_top) == layer.k_pages.shape[0]
+        mapped = int((layer.store.block_table >= 0).sum())
+        assert mapped == 4 * 3 and mapped + int(layer.store.free_top) == layer.store.k_pages.shape[0]
         if policy == "streaming":
             pos = layer.positions[:, :12].sort(1).values
             assert pos[0].tolist() == [0, 1, 2, 3] + list(range(41, 49))
@@ -164,10 +164,10 @@ def test_layer_scores_come_from_the_attention_it_computed(policy):
     else:
         want = tova_keep(probs[:, :, -1].mean(1), live, budget)
     got = [sorted(layer.positions[s, :budget].tolist()) for s in range(S)]
-    assert layer.seq_lens.tolist() == [budget] * S
+    assert layer.store.seq_lens.tolist() == [budget] * S
     assert got == _kept(want, pos)
     # The kept keys moved into slots 0..budget-1 intact.
-    kept_keys, _, _ = layer._dense()
+    kept_keys, _, _ = layer.store.dense()
     for s in range(S):
         torch.testing.assert_close(kept_keys[s], k[s, layer.positions[s, :budget]])
 
@@ -196,7 +196,7 @@ def test_quest_keeps_everything_and_decode_reads_the_selected_pages():
     layer = PolicyLayer("quest", budget, page_size=ps)
     layer.attend(q[:, :, :T], k[:, :T], v[:, :T], None, 1.0)
     out = layer.attend(q[:, :, T:], k[:, T:], v[:, T:], None, 1.0)
-    assert layer.seq_lens.tolist() == [T + 1] * S  # nothing evicted
+    assert layer.store.seq_lens.tolist() == [T + 1] * S  # nothing evicted
     sel = quest_select(q[:, :, T], k, torch.ones(S, T + 1, dtype=torch.bool), ps, budget)
     assert layer.read.tolist() == sel.sum(1).tolist() == [6, 6]  # 2 best pages + the newest, 2 slots each
     scores = torch.einsum("sgd,skd->sgk", q[:, :, T], k).masked_fill(~sel[:, None], float("-inf"))
@@ -212,6 +212,6 @@ def test_quest_in_generate():
                                       pad_token_id=0), ref)
     small = PolicyCache(model, "quest", 8, page_size=4)
     model.generate(ids, past_key_values=small, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert all(layer.seq_lens.tolist() == [45] * 4 for layer in small.layers)
+    assert all(layer.store.seq_lens.tolist() == [45] * 4 for layer in small.layers)
     assert small.stats()["compression_ratio"] == 1.0
     assert small.read_ratio() == pytest.approx(45 / 9)  # 2 pages of 4 + the newest page's 1 slot

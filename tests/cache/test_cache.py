@@ -6,6 +6,7 @@ import torch
 
 import dms
 from dms import reference
+from conftest import new_store
 from dms.cache import DMSCache, DMSCacheFullError, DMSLayer
 
 
@@ -18,9 +19,9 @@ def _random_chunks(S, D, lengths, p_evict, seed):
         yield k, v, d, valid
 
 
-def _live_rows(pages, block_table, seq_lens):
-    packed, cu, _ = reference.gather_varlen(pages, block_table, seq_lens)
-    return [sorted(map(tuple, packed[cu[s]:cu[s + 1]].tolist())) for s in range(len(seq_lens))]
+def _live_rows(store):
+    packed, cu, _ = reference.gather_varlen(store.k_pages, store.block_table, store.seq_lens)
+    return [sorted(map(tuple, packed[cu[s]:cu[s + 1]].tolist())) for s in range(store.num_seqs)]
 
 
 def test_growing_pool_matches_reference_store():
@@ -29,21 +30,16 @@ def test_growing_pool_matches_reference_store():
     S, D, w, ps = 3, 4, 2, 2
     layer = DMSLayer(window=w, page_size=ps)
     P = 300
-    ref = dict(k_pages=torch.zeros(P, ps, D), v_pages=torch.zeros(P, ps, D),
-               block_table=torch.full((S, P), -1, dtype=torch.int32), seq_lens=torch.zeros(S, dtype=torch.int32),
-               num_seen=torch.zeros(S, dtype=torch.int32), ring_slots=torch.zeros(S, w + 1, dtype=torch.int32),
-               ring_flags=torch.zeros(S, w + 1, dtype=torch.bool), free_pages=torch.arange(P, dtype=torch.int32),
-               free_top=torch.tensor([P], dtype=torch.int32))
+    ref = new_store(S, P, ps, P, w, D)
     for k, v, d, valid in _random_chunks(S, D, [5, 1, 1, 7, 1, 1, 1, 150, 1], 0.6, seed=0):  # 150: fed in pieces
         layer.append(k, v, d, valid)
-        reference.append(*ref.values(), k, v, d, valid)
-        assert torch.equal(layer.seq_lens, ref["seq_lens"]) and torch.equal(layer.num_seen, ref["num_seen"])
-        assert _live_rows(layer.k_pages, layer.block_table, layer.seq_lens) == \
-            _live_rows(ref["k_pages"], ref["block_table"], ref["seq_lens"])
+        ref.append(k, v, d, valid, op=reference.append)
+        assert torch.equal(layer.store.seq_lens, ref.seq_lens) and torch.equal(layer.store.num_seen, ref.num_seen)
+        assert _live_rows(layer.store) == _live_rows(ref)
     assert layer.columns == 168
 
 
-def test_prefill_view_marks_last_visible_query():
+def test_prefill_view_marks_the_ring_tokens_and_their_flags():
     S, D, w = 2, 4, 3
     layer = DMSLayer(window=w, page_size=2)
     chunks = list(_random_chunks(S, D, [9, 1, 1], 0.5, seed=1))
@@ -58,12 +54,14 @@ def test_prefill_view_marks_last_visible_query():
         idx_of = {tuple(row.tolist()): i for i, row in enumerate(keys)}
         n = int(valid[s].sum())
         assert int(view.num_seen[s]) == n
-        for j in range(int(layer.seq_lens[s])):
+        assert view.live[s].sum() == int(layer.store.seq_lens[s])
+        for j in range(int(layer.store.seq_lens[s])):
             i = idx_of[tuple(view.keys[s, j].tolist())]
             flagged = bool(flags[s][valid[s]][i])
-            expected = i + w if flagged else torch.iinfo(torch.int64).max
-            assert int(view.last_query[s, j]) == expected
-            assert (i >= n - w - 1) or not flagged  # flagged tokens out of the window were evicted
+            in_ring = i >= n - w - 1
+            assert in_ring or not flagged  # flagged tokens out of the window were evicted
+            assert int(view.token_index[s, j]) == (i if in_ring else -1)
+            assert bool(view.flagged[s, j]) == flagged  # the newest token's flag is not known yet: False
         assert idx_of[tuple(view.keys[s, int(view.newest_slot[s])].tolist())] == n - 1
 
 
@@ -72,8 +70,8 @@ def test_pool_grows_rarely_and_stays_tight():
     layer = DMSLayer(window=4, page_size=4)
     for k, v, d, valid in _random_chunks(S, D, [16] + [1] * 2000, 0.9, seed=2):
         layer.append(k, v, d, None)
-    used_pages = sum((int(n) + 3) // 4 for n in layer.seq_lens)
-    assert layer.k_pages.shape[0] <= 1.1 * used_pages + S * 32 // 4  # + the 32-token headroom
+    used_pages = sum((int(n) + 3) // 4 for n in layer.store.seq_lens)
+    assert layer.store.k_pages.shape[0] <= 1.1 * used_pages + S * 32 // 4  # + the 32-token headroom
     assert layer.syncs <= 2000 // 32 + 2  # a host sync only when the bound reaches the pool, not per step
 
 

@@ -8,10 +8,9 @@ import torch
 
 import dms
 from dms import reference
+from conftest import new_store
 from dms.cache import DMSCache, DMSCacheFullError, DMSLayer
-
-STATE = ("k_pages", "v_pages", "block_table", "seq_lens", "num_seen", "ring_slots", "ring_flags",
-         "free_pages", "free_top")
+from dms.store import FIELDS
 
 
 def chunk(S=2, T=3, D=4, evict=0.0, seed=0, dtype=torch.float32):
@@ -21,7 +20,7 @@ def chunk(S=2, T=3, D=4, evict=0.0, seed=0, dtype=torch.float32):
 
 
 def snapshot(layer: DMSLayer) -> dict:
-    snap = {name: getattr(layer, name).clone() for name in STATE}
+    snap = {name: getattr(layer.store, name).clone() for name in FIELDS}
     snap["columns"] = layer.columns
     return snap
 
@@ -32,13 +31,13 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def assert_unchanged(layer: DMSLayer, snap: dict) -> None:
-    changed = [n for n in STATE if not same_bits(getattr(layer, n), snap[n])]
+    changed = [n for n in FIELDS if not same_bits(getattr(layer.store, n), snap[n])]
     assert not changed and layer.columns == snap["columns"], f"refused append changed {changed}"
 
 
 def live_tokens(layer: DMSLayer) -> list[list[tuple]]:
     """Per sequence, the sorted live keys (slot order does not matter to attention)."""
-    packed, cu, _ = dms.ops.gather_varlen(layer.k_pages, layer.block_table, layer.seq_lens)
+    packed, cu, _ = dms.ops.gather_varlen(layer.store.k_pages, layer.store.block_table, layer.store.seq_lens)
     return [sorted(map(tuple, packed[cu[s]:cu[s + 1]].tolist())) for s in range(layer.num_seqs)]
 
 
@@ -105,7 +104,7 @@ def test_refused_append_at_the_cap_leaves_the_layer_unchanged_and_usable():
     # are reused, so this fits although the worst case (every token a new slot) does not.
     k, v, _ = chunk(T=40, seed=3)
     layer.append(k, v, torch.ones(2, 40, dtype=torch.bool), None)
-    assert layer.k_pages.shape[0] <= 6 and layer.columns == 45
+    assert layer.store.k_pages.shape[0] <= 6 and layer.columns == 45
 
 
 def test_long_append_refused_at_the_cap_stores_no_piece():
@@ -118,7 +117,7 @@ def test_long_append_refused_at_the_cap_stores_no_piece():
         layer.append(*chunk(T=100, seed=2), None)  # 2 x 26 pages without eviction
     assert_unchanged(layer, before)
     layer.append(*chunk(T=70, seed=3), None)  # 2 x 18 pages: fits
-    assert layer.seq_lens.tolist() == [72, 72]
+    assert layer.store.seq_lens.tolist() == [72, 72]
 
 
 def test_decode_at_the_cap_runs_forever_when_evictions_free_slots():
@@ -128,7 +127,7 @@ def test_decode_at_the_cap_runs_forever_when_evictions_free_slots():
     for step in range(300):
         k, v, _ = chunk(T=1, seed=step)
         layer.append(k, v, torch.ones(S, 1, dtype=torch.bool), None)
-    assert layer.seq_lens.tolist() == [w + 1] * S and layer.k_pages.shape[0] == 4
+    assert layer.store.seq_lens.tolist() == [w + 1] * S and layer.store.k_pages.shape[0] == 4
 
 
 def test_refusal_in_a_later_layer_makes_the_cache_unusable():
@@ -151,7 +150,7 @@ def test_refusal_in_a_later_layer_makes_the_cache_unusable():
             layer.decode_attention(torch.randn(2, 1, 4), 1.0)
     cache.reset()
     cache.layers[0].append(k, v, keep, None)  # a reset cache is usable again
-    assert cache.layers[0].seq_lens.tolist() == [2, 2]
+    assert cache.layers[0].store.seq_lens.tolist() == [2, 2]
 
 
 def test_model_forward_refused_mid_model_reports_the_cache_unusable():
@@ -197,11 +196,11 @@ def test_pool_stops_growing_when_the_retained_set_is_steady():
         k = torch.randn(S, 1, 16, generator=gen)
         keep = step % 1000 == 0  # a rare kept token
         layer.append(k, k, torch.full((S, 1), not keep, dtype=torch.bool), None)
-        sizes.append((layer.k_pages.shape[0], layer.block_table.shape[1]))
+        sizes.append((layer.store.k_pages.shape[0], layer.store.block_table.shape[1]))
     assert sizes[-1] == sizes[500], f"pool grew after the warm-up: {sizes[500]} -> {sizes[-1]}"
     # window + the 2 kept tokens (999, 1999: a decision flags the token before it; step 0 has none)
-    assert layer.seq_lens.tolist() == [w + 1 + 2] * S
-    assert layer.num_seen.tolist() == [3000] * S
+    assert layer.store.seq_lens.tolist() == [w + 1 + 2] * S
+    assert layer.store.num_seen.tolist() == [3000] * S
 
 
 def test_cache_matches_reference_after_refusals():
@@ -210,11 +209,7 @@ def test_cache_matches_reference_after_refusals():
     S, w, ps, D = 2, 2, 2, 4
     layer = DMSLayer(window=w, page_size=ps, max_pages=10)
     P = 64
-    ref = dict(k_pages=torch.zeros(P, ps, D), v_pages=torch.zeros(P, ps, D),
-               block_table=torch.full((S, P), -1, dtype=torch.int32), seq_lens=torch.zeros(S, dtype=torch.int32),
-               num_seen=torch.zeros(S, dtype=torch.int32), ring_slots=torch.zeros(S, w + 1, dtype=torch.int32),
-               ring_flags=torch.zeros(S, w + 1, dtype=torch.bool), free_pages=torch.arange(P, dtype=torch.int32),
-               free_top=torch.tensor([P], dtype=torch.int32))
+    ref = new_store(S, P, ps, P, w, D)
     refused = 0
     for step in range(60):
         k, v, d = chunk(S, T=1 + step % 7, D=D, evict=0.7, seed=step)
@@ -223,19 +218,19 @@ def test_cache_matches_reference_after_refusals():
         except DMSCacheFullError:
             refused += 1
             continue
-        reference.append(*ref.values(), k, v, d, None)
+        ref.append(k, v, d, None, op=reference.append)
     assert refused > 0
-    assert torch.equal(layer.seq_lens, ref["seq_lens"]) and torch.equal(layer.num_seen, ref["num_seen"])
-    packed, cu, _ = reference.gather_varlen(ref["k_pages"], ref["block_table"], ref["seq_lens"])
+    assert torch.equal(layer.store.seq_lens, ref.seq_lens) and torch.equal(layer.store.num_seen, ref.num_seen)
+    packed, cu, _ = reference.gather_varlen(ref.k_pages, ref.block_table, ref.seq_lens)
     assert live_tokens(layer) == [sorted(map(tuple, packed[cu[s]:cu[s + 1]].tolist())) for s in range(S)]
 
 
 def test_cap_refusal_with_cuda_semantics_restores_free_top(monkeypatch):
     """The CUDA append cannot raise: it leaves the state alone and sets free_top to -(pages
     needed). Simulated on the CPU op: the layer must restore free_top and raise the same error."""
-    import dms.cache as cache_mod
+    import dms.store as store_mod
 
-    real = cache_mod.ops.append
+    real = store_mod.ops.append
 
     class CudaLikeOps:
         @staticmethod
@@ -249,20 +244,20 @@ def test_cap_refusal_with_cuda_semantics_restores_free_top(monkeypatch):
     layer = DMSLayer(window=1, page_size=2, max_pages=6)
     layer.append(*chunk(T=5, seed=1), None)
     before = snapshot(layer)
-    monkeypatch.setattr(cache_mod, "ops", CudaLikeOps)
+    monkeypatch.setattr(store_mod, "ops", CudaLikeOps)
     with pytest.raises(DMSCacheFullError, match="needs 8 pages of 2 tokens but max_pages=6"):
         layer.append(*chunk(T=3, seed=2), None)
     assert_unchanged(layer, before)
     k, v, _ = chunk(T=4, seed=3)
     layer.append(k, v, torch.ones(2, 4, dtype=torch.bool), None)
-    assert layer.columns == 9 and int(layer.free_top[0]) >= 0
+    assert layer.columns == 9 and int(layer.store.free_top[0]) >= 0
 
 
 def test_corrupt_state_signal_of_the_cuda_op_is_not_reported_as_a_full_pool(monkeypatch):
     """A CUDA append that finds the store corrupt writes nothing and sets free_top to INT32_MIN
     (csrc/torch_bindings.cpp). Simulated on the CPU: the layer restores free_top and says the
     store is corrupt, not that it needs 2^31 pages."""
-    import dms.cache as cache_mod
+    import dms.store as store_mod
 
     class CorruptRefusingOps:
         @staticmethod
@@ -272,7 +267,7 @@ def test_corrupt_state_signal_of_the_cuda_op_is_not_reported_as_a_full_pool(monk
     layer = DMSLayer(window=1, page_size=2, max_pages=6)
     layer.append(*chunk(T=5, seed=1), None)
     before = snapshot(layer)
-    monkeypatch.setattr(cache_mod, "ops", CorruptRefusingOps)
+    monkeypatch.setattr(store_mod, "ops", CorruptRefusingOps)
     with pytest.raises(RuntimeError, match="refused this layer's store as corrupt"):
         layer.append(*chunk(T=3, seed=2), None)
     assert_unchanged(layer, before)

@@ -82,8 +82,8 @@ def test_chunked_prefill_equals_one_shot(arch):
     real = mask.bool()
     torch.testing.assert_close(torch.cat(parts, 1)[real], one.logits[real], atol=1e-4, rtol=0)
     for a, b in zip(one.past_key_values.layers, cache.layers):
-        assert torch.equal(a.seq_lens, b.seq_lens) and torch.equal(a.num_seen, b.num_seen)
-        assert torch.equal(a.ring_flags, b.ring_flags)
+        assert torch.equal(a.store.seq_lens, b.store.seq_lens) and torch.equal(a.store.num_seen, b.store.num_seen)
+        assert torch.equal(a.store.ring_flags, b.store.ring_flags)
 
 
 def test_unsupported_architecture():
@@ -171,9 +171,9 @@ def test_prefill_mask_budget_splits_queries(arch, monkeypatch):
 
 def test_unwritten_pool_memory_never_read(monkeypatch):
     """Pool pages are allocated uninitialised; fill them with NaN: nothing may change."""
-    from dms.cache import DMSLayer
+    import dms.store as store_mod
 
-    regrow = DMSLayer._regrow
+    regrow = store_mod._regrow
 
     def poisoned(pages, n):
         grown = regrow(pages, n)
@@ -186,7 +186,7 @@ def test_unwritten_pool_memory_never_read(monkeypatch):
     with torch.no_grad():
         clean = model(input_ids=ids, attention_mask=mask, position_ids=pos,
                       past_key_values=dms.DMSCache(model)).logits
-        monkeypatch.setattr(DMSLayer, "_regrow", staticmethod(poisoned))
+        monkeypatch.setattr(store_mod, "_regrow", poisoned)
         cache = dms.DMSCache(model, page_size=4)
         first = model(input_ids=ids[:, :9], attention_mask=mask[:, :9], position_ids=pos[:, :9],
                       past_key_values=cache).logits

@@ -10,6 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 import dms  # noqa: F401  (loads the ops and their fake kernels)
+from dms.store import FIELDS, PagedStore
 
 ops = torch.ops.dms
 f32, f16, bf16, i32, i64, b = torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64, torch.bool
@@ -27,8 +28,15 @@ def strided(*shape, dtype=f32):
 
 
 def store(dtype=f32):
-    return dict(k_pages=z(P, PAGE, D, dtype=dtype), v_pages=z(P, PAGE, D, dtype=dtype),
-                block_table=z(S, 2, dtype=i32), seq_lens=z(S, dtype=i32))
+    """The nine store tensors of an empty dms.store.PagedStore, by schema name."""
+    empty = PagedStore.empty(S, D, window=W1 - 1, page_size=PAGE, pages=P, table_width=2, dtype=dtype)
+    return dict(zip(FIELDS, empty.tensors()))
+
+
+def paged(dtype=f32):
+    """The paged-store arguments of gather_varlen / paged_decode_attention."""
+    st = store(dtype)
+    return {key: st[key] for key in ("k_pages", "v_pages", "block_table", "seq_lens")}
 
 
 VALID = {  # arguments in schema order
@@ -36,11 +44,9 @@ VALID = {  # arguments in schema order
     "compact": lambda dtype: dict(x=z(S, T, D, dtype=dtype), keep=z(S, T, dtype=b)),
     "gather_varlen": lambda dtype: dict(pages=z(P, PAGE, D, dtype=dtype), block_table=z(S, 2, dtype=i32),
                                         seq_lens=z(S, dtype=i32)),
-    "paged_decode_attention": lambda dtype: dict(q=z(S, 2, D, dtype=dtype), **store(dtype), scale=0.5),
-    "append": lambda dtype: dict(**store(dtype), num_seen=z(S, dtype=i32), ring_slots=z(S, W1, dtype=i32),
-                                 ring_flags=z(S, W1, dtype=b), free_pages=z(P, dtype=i32),
-                                 free_top=torch.tensor([P], dtype=i32), k=z(S, T, D, dtype=dtype),
-                                 v=z(S, T, D, dtype=dtype), decisions=z(S, T, dtype=b), valid=z(S, T, dtype=b)),
+    "paged_decode_attention": lambda dtype: dict(q=z(S, 2, D, dtype=dtype), **paged(dtype), scale=0.5),
+    "append": lambda dtype: dict(**store(dtype), k=z(S, T, D, dtype=dtype), v=z(S, T, D, dtype=dtype),
+                                 decisions=z(S, T, dtype=b), valid=z(S, T, dtype=b)),
 }
 
 

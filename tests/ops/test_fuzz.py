@@ -21,6 +21,7 @@ from conftest import new_store
 import dms  # noqa: F401  (loads the ops)
 from dms import reference
 from dms.cache import DMSCacheFullError, DMSLayer
+from dms.store import FIELDS
 
 ops = torch.ops.dms
 settings.register_profile("dms-fuzz-ci", max_examples=80, deadline=None, derandomize=True,
@@ -29,8 +30,6 @@ settings.register_profile("dms-fuzz-long", max_examples=500, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 FUZZ = settings.get_profile(os.environ.get("DMS_FUZZ_PROFILE", "dms-fuzz-ci"))
 
-STATE = ("k_pages", "v_pages", "block_table", "seq_lens", "num_seen", "ring_slots", "ring_flags",
-         "free_pages", "free_top")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 WINDOWS = st.one_of(st.integers(0, 3), st.sampled_from([7, 16, 100]))
 
@@ -61,7 +60,7 @@ def replay(store, chunks, fn):
     refused = []
     for i, (k, v, d, valid) in enumerate(chunks):
         try:
-            fn(*(store[key] for key in STATE), k, v, d, valid)
+            store.append(k, v, d, valid, op=fn)
         except RuntimeError as e:
             refused.append((i, str(e).split(":")[1].strip() if ":" in str(e) else str(e)))
     return refused
@@ -79,12 +78,12 @@ def test_append_op_sequence_equals_reference(data, S, page_size, window, D, dtyp
     max_pages = math.ceil(tokens / page_size) + 1
     P = data.draw(st.integers(1, S * max_pages // 2 + 1)) if tight else S * max_pages
     a = new_store(S, P, page_size, max_pages, window, D, dtype, seed=P)
-    b = {k: t.clone() for k, t in a.items()}
+    b = a.clone()
     assert replay(a, chunks, ops.append) == replay(b, chunks, reference.append)
-    for key in STATE:
-        assert torch.equal(a[key], b[key]), key
-    used = sum(math.ceil(n / page_size) for n in a["seq_lens"].tolist())
-    assert used == P - int(a["free_top"][0]), "pages leaked or double counted"
+    for key in FIELDS:
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    used = sum(math.ceil(n / page_size) for n in a.seq_lens.tolist())
+    assert used == P - int(a.free_top[0]), "pages leaked or double counted"
 
 
 @FUZZ
@@ -112,19 +111,20 @@ def test_dms_cache_sequence_equals_reference(data, S, page_size, window, D, cap)
         except DMSCacheFullError:
             assert cap is not None
             continue
-        reference.append(*(ref[key] for key in STATE), k, v, d, valid)
+        ref.append(k, v, d, valid, op=reference.append)
         columns += k.shape[1]
-        assert layer.k_pages.shape[0] <= (cap or layer.k_pages.shape[0])
+        assert layer.store.num_pages <= (cap or layer.store.num_pages)
     if not layer.is_initialized:
         return
+    got = layer.store
     for key in ("seq_lens", "num_seen", "ring_slots", "ring_flags"):
-        assert torch.equal(getattr(layer, key), ref[key]), key
+        assert torch.equal(getattr(got, key), getattr(ref, key)), key
     for pages in ("k_pages", "v_pages"):
-        got = ops.gather_varlen(getattr(layer, pages), layer.block_table, layer.seq_lens)
-        want = reference.gather_varlen(ref[pages], ref["block_table"], ref["seq_lens"])
-        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and got[2] == want[2]
-    used = sum(math.ceil(n / page_size) for n in layer.seq_lens.tolist())
-    assert used == layer.k_pages.shape[0] - int(layer.free_top[0]), "pages leaked"
+        have = ops.gather_varlen(getattr(got, pages), got.block_table, got.seq_lens)
+        want = reference.gather_varlen(getattr(ref, pages), ref.block_table, ref.seq_lens)
+        assert torch.equal(have[0], want[0]) and torch.equal(have[1], want[1]) and have[2] == want[2]
+    used = sum(math.ceil(n / page_size) for n in got.seq_lens.tolist())
+    assert used == got.num_pages - int(got.free_top[0]), "pages leaked"
     assert layer.columns == columns
 
 
@@ -197,13 +197,13 @@ def test_refused_chunk_then_more_tokens_matches_reference():
     implementations must agree on what was stored."""
     S, ps, w, D = 2, 1, 1, 2
     a = new_store(S, 8, ps, 3, w, D, torch.float32, seed=1)
-    b = {k: t.clone() for k, t in a.items()}
+    b = a.clone()
     big = (torch.ones(S, 4, D), torch.ones(S, 4, D), torch.zeros(S, 4, dtype=torch.bool), None)
     steps = [(torch.full((S, 1, D), float(i)), torch.zeros(S, 1, D), torch.ones(S, 1, dtype=torch.bool), None)
              for i in range(6)]
     chunks = [big] + steps
     assert replay(a, chunks, ops.append) == replay(b, chunks, reference.append)
     assert replay(a, chunks[:1], ops.append)  # still refused
-    for key in STATE:
-        assert torch.equal(a[key], b[key]), key
-    assert a["seq_lens"].tolist() == [w + 1] * S
+    for key in FIELDS:
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert a.seq_lens.tolist() == [w + 1] * S

@@ -1,4 +1,4 @@
-"""dms.append equals dms/reference.py, keeps DESIGN.md §1's retained set whatever the chunking,
+"""dms.append equals dms/reference.py, keeps docs/design.md §1's retained set whatever the chunking,
 and leaves the cache untouched when it refuses a chunk."""
 import pytest
 import torch
@@ -8,25 +8,19 @@ from hypothesis import strategies as st
 import dms  # noqa: F401  (loads the ops)
 from conftest import new_store
 from dms import reference as ref
+from dms.store import FIELDS
 
 ops = torch.ops.dms
 BOUNDED = settings(max_examples=25, deadline=None, derandomize=True)
-STATE = ("k_pages", "v_pages", "block_table", "seq_lens", "num_seen", "ring_slots", "ring_flags",
-         "free_pages", "free_top")
-
-
-
-def clone(store):
-    return {k: v.clone() for k, v in store.items()}
 
 
 def assert_same(a, b):
-    for key in STATE:
-        assert torch.equal(a[key], b[key]), key
+    for key in FIELDS:
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
 
 
 def append(store, k, v, decisions, valid=None, fn=ops.append):
-    fn(*(store[key] for key in STATE), k, v, decisions, valid)
+    store.append(k, v, decisions, valid, op=fn)
 
 
 @BOUNDED
@@ -38,7 +32,7 @@ def test_append_matches_reference(S, page_size, window, chunks, p, masked, dtype
     D = 4
     got = new_store(S, 2 * S * sum(chunks) // page_size + S, page_size, sum(chunks) // page_size + 1, window, D,
                     dtype, seed)
-    want = clone(got)
+    want = got.clone()
     for T in chunks:
         k = torch.randn(S, T, D, generator=gen).to(dtype)
         v = torch.randn(S, T, D, generator=gen).to(dtype)
@@ -51,7 +45,7 @@ def test_append_matches_reference(S, page_size, window, chunks, p, masked, dtype
 
 def stored_tokens(store):
     """Per sequence, the set of token ids held by the store (keys carry their token id)."""
-    packed, cu, _ = ops.gather_varlen(store["k_pages"], store["block_table"], store["seq_lens"])
+    packed, cu, _ = ops.gather_varlen(store.k_pages, store.block_table, store.seq_lens)
     ids = packed[:, 0].long().tolist()
     return [sorted(ids[a:b]) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())]
 
@@ -59,7 +53,7 @@ def stored_tokens(store):
 @pytest.mark.parametrize("window,page_size,chunk", [(0, 4, 7), (1, 3, 16), (5, 4, 9), (16, 8, 33), (64, 16, 50)])
 def test_delayed_eviction_same_store_for_any_chunking(window, page_size, chunk):
     """A long random decision stream fed one token at a time and `chunk` tokens at a time
-    gives the same store, whose tokens are DESIGN.md §1's retained set after every step."""
+    gives the same store, whose tokens are docs/design.md §1's retained set after every step."""
     S, T, D = 3, 300, 2
     gen = torch.Generator().manual_seed(window)
     decisions = torch.rand(S, T, generator=gen) < 0.7
@@ -79,39 +73,39 @@ def test_delayed_eviction_same_store_for_any_chunking(window, page_size, chunk):
         k, d, ok = (x[:, a:a + chunk].contiguous() for x in (token, decisions, valid))
         append(many, k, -k, d, ok)
     for key in ("k_pages", "v_pages"):
-        g_one = ops.gather_varlen(one[key], one["block_table"], one["seq_lens"])
-        g_many = ops.gather_varlen(many[key], many["block_table"], many["seq_lens"])
+        g_one = ops.gather_varlen(getattr(one, key), one.block_table, one.seq_lens)
+        g_many = ops.gather_varlen(getattr(many, key), many.block_table, many.seq_lens)
         for x, y in zip(g_one, g_many):
             assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
     keep, _, counts = ref.scan_flags(decisions, valid, window)
     assert stored_tokens(many) == [torch.nonzero(keep[s]).flatten().tolist() for s in range(S)]
-    assert torch.equal(many["seq_lens"], counts)
-    assert torch.equal(many["num_seen"], valid.sum(-1).int())
+    assert torch.equal(many.seq_lens, counts)
+    assert torch.equal(many.num_seen, valid.sum(-1).int())
 
 
 def test_chunk_crossing_pages_and_evicting_everything_outside_the_window():
     S, T, D, window, page_size = 2, 23, 3, 2, 4
     store = new_store(S, 16, page_size, 8, window, D)
-    want = clone(store)
+    want = store.clone()
     k = torch.randn(S, T, D)
     decisions = torch.ones(S, T, dtype=torch.bool)  # every token evicted once it leaves the window
     append(store, k, -k, decisions)
     append(want, k, -k, decisions, fn=ref.append)
     assert_same(store, want)
-    assert store["seq_lens"].tolist() == [window + 1] * S  # only the window survives
+    assert store.seq_lens.tolist() == [window + 1] * S  # only the window survives
     head = k[:, :9].contiguous()
     append(store, head, head, torch.zeros(S, 9, dtype=torch.bool))  # crosses pages again
     append(want, head, head, torch.zeros(S, 9, dtype=torch.bool), fn=ref.append)
     assert_same(store, want)
     # The first `window` new tokens take the slots of the flagged tokens leaving the window.
-    assert store["seq_lens"].tolist() == [window + 1 + 9 - window] * S
+    assert store.seq_lens.tolist() == [window + 1 + 9 - window] * S
 
 
 def test_pool_exhaustion_raises_and_leaves_the_state_unchanged():
     S, D = 3, 2
     store = new_store(S, 5, 2, 8, 1, D)
     append(store, torch.ones(S, 2, D), torch.ones(S, 2, D), torch.zeros(S, 2, dtype=torch.bool))  # 3 pages
-    before = clone(store)
+    before = store.clone()
     with pytest.raises(RuntimeError, match="page pool exhausted: need 3 pages, 2 free"):
         append(store, torch.ones(S, 2, D), torch.ones(S, 2, D), torch.zeros(S, 2, dtype=torch.bool))
     assert_same(store, before)
@@ -119,7 +113,7 @@ def test_pool_exhaustion_raises_and_leaves_the_state_unchanged():
 
 def test_block_table_overflow_raises_and_leaves_the_state_unchanged():
     store = new_store(2, 20, 2, 2, 0, 2)
-    before = clone(store)
+    before = store.clone()
     valid = torch.tensor([[True] * 4 + [False], [True] * 5])
     with pytest.raises(RuntimeError, match="block_table has room for 2 pages per sequence; sequence 1 needs more"):
         append(store, torch.ones(2, 5, 2), torch.ones(2, 5, 2), torch.zeros(2, 5, dtype=torch.bool), valid)
@@ -129,7 +123,7 @@ def test_block_table_overflow_raises_and_leaves_the_state_unchanged():
 def _bad(key, value):
     def call():
         store = new_store(2, 8, 4, 4, 2, 3)
-        args = dict(store, k=torch.ones(2, 2, 3), v=torch.ones(2, 2, 3), decisions=torch.zeros(2, 2, dtype=torch.bool),
+        args = dict(zip(FIELDS, store.tensors()), k=torch.ones(2, 2, 3), v=torch.ones(2, 2, 3), decisions=torch.zeros(2, 2, dtype=torch.bool),
                     valid=None)
         args[key] = value
         ops.append(*args.values())

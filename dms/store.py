@@ -1,0 +1,234 @@
+"""The paged KV store of docs/design.md §2 as one named type.
+
+``PagedStore`` holds the nine tensors of ``S`` independent sequences in the order of the op
+schemas (csrc/torch_bindings.cpp), which stay plain tensors so that other engines can call
+the ops without this class. Everything that changes the tensors is a method here: the ops
+(``append``), pool and table growth, and the row moves and page releases the eviction
+baselines need. Readers (attention, statistics) may read the fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from dms._ops import ops
+
+try:  # CUDA decode backend; its absence (always on a CPU-only machine) is normal
+    from flash_attn import flash_attn_with_kvcache
+except ImportError:
+    flash_attn_with_kvcache = None
+
+# Tensor fields in schema order (the first nine arguments of dms.append).
+FIELDS = ("k_pages", "v_pages", "block_table", "seq_lens", "num_seen", "ring_slots", "ring_flags",
+          "free_pages", "free_top")
+
+# flash_attn's paged kernel requires pages of a multiple of this many tokens.
+_FLASH_PAGE_MULTIPLE = 256
+
+
+@dataclasses.dataclass
+class PagedStore:
+    """k_pages, v_pages [P, page_size, D]; block_table int32 [S, max_pages] (-1 = unmapped);
+    seq_lens, num_seen int32 [S]; ring_slots int32 / ring_flags bool [S, window + 1];
+    free_pages int32 [P] (a stack, entries below ``free_top[0]`` are free page ids)."""
+
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    num_seen: torch.Tensor
+    ring_slots: torch.Tensor
+    ring_flags: torch.Tensor
+    free_pages: torch.Tensor
+    free_top: torch.Tensor
+
+    @classmethod
+    def empty(cls, num_seqs: int, head_dim: int, *, window: int, page_size: int, pages: int = 0,
+              table_width: int = 0, dtype: torch.dtype = torch.float32, device=None,
+              generator: torch.Generator | None = None) -> "PagedStore":
+        """A store holding no token, with a pool of ``pages`` pages (all free) and room for
+        ``table_width`` pages per sequence. ``generator`` shuffles the free list (tests use it
+        so that page order matters); otherwise pages are popped in increasing id order."""
+        for name, value, low in (("num_seqs", num_seqs, 0), ("head_dim", head_dim, 1), ("window", window, 0),
+                                 ("page_size", page_size, 1), ("pages", pages, 0), ("table_width", table_width, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        i32 = dict(dtype=torch.int32, device=device)
+        if generator is None:
+            free = torch.arange(pages - 1, -1, -1, **i32)
+        else:
+            free = torch.randperm(pages, generator=generator).to(**i32)
+        return cls(
+            k_pages=torch.zeros(pages, page_size, head_dim, dtype=dtype, device=device),
+            v_pages=torch.zeros(pages, page_size, head_dim, dtype=dtype, device=device),
+            block_table=torch.full((num_seqs, table_width), -1, **i32),
+            seq_lens=torch.zeros(num_seqs, **i32), num_seen=torch.zeros(num_seqs, **i32),
+            ring_slots=torch.zeros(num_seqs, window + 1, **i32),
+            ring_flags=torch.zeros(num_seqs, window + 1, dtype=torch.bool, device=device),
+            free_pages=free, free_top=torch.tensor([pages], **i32))
+
+    # -- shape -------------------------------------------------------------------------------
+    @property
+    def num_seqs(self) -> int:
+        return self.block_table.shape[0]
+
+    @property
+    def page_size(self) -> int:
+        return self.k_pages.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.k_pages.shape[2]
+
+    @property
+    def window(self) -> int:
+        return self.ring_slots.shape[1] - 1
+
+    @property
+    def num_pages(self) -> int:
+        return self.k_pages.shape[0]
+
+    @property
+    def table_width(self) -> int:
+        return self.block_table.shape[1]
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """The nine tensors in schema order."""
+        return tuple(getattr(self, f) for f in FIELDS)
+
+    def clone(self) -> "PagedStore":
+        return PagedStore(*(t.clone() for t in self.tensors()))
+
+    def equal(self, other: "PagedStore") -> bool:
+        return all(torch.equal(a, b) for a, b in zip(self.tensors(), other.tensors()))
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    # -- the ops -------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor,
+               valid: torch.Tensor | None = None, *, op=None) -> None:
+        """``dms.append`` (or ``op`` with the same schema, e.g. dms.reference.append): k, v
+        [S, T, D], decisions/valid bool [S, T]. All or nothing: a refused chunk writes nothing."""
+        (op or ops.append)(*self.tensors(), k.contiguous(), v.contiguous(), decisions.contiguous(),
+                           None if valid is None else valid.contiguous())
+
+    def decode_attention(self, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q [S, G, D] attends every live slot of its sequence -> [S, G, D]. On CUDA with
+        flash_attn installed (fp16/bf16, pages a multiple of 256 tokens) FlashAttention reads the
+        pages through block_table; that branch cannot run on a CPU-only machine and is untested.
+        Otherwise dms.paged_decode_attention (CPU and CUDA kernels)."""
+        if (flash_attn_with_kvcache is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+                and self.page_size % _FLASH_PAGE_MULTIPLE == 0):
+            out = flash_attn_with_kvcache(q[:, None], self.k_pages[:, :, None], self.v_pages[:, :, None],
+                                          cache_seqlens=self.seq_lens, block_table=self.block_table,
+                                          softmax_scale=scale, causal=False)
+            return out[:, 0]
+        return ops.paged_decode_attention(q.contiguous(), self.k_pages, self.v_pages, self.block_table,
+                                          self.seq_lens, float(scale))
+
+    def gather(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Live slots packed by ``dms.gather_varlen``: (keys [N, D], values [N, D], cu_seqlens
+        int32 [S + 1], max_seqlen)."""
+        keys, cu, max_len = ops.gather_varlen(self.k_pages, self.block_table, self.seq_lens)
+        values, _, _ = ops.gather_varlen(self.v_pages, self.block_table, self.seq_lens)
+        return keys, values, cu, max_len
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Live slots as padded (keys [S, L, D], values [S, L, D], live bool [S, L]), L the
+        longest sequence; slots past a sequence's length are zeros (never stale memory, which may
+        hold NaN that a mask cannot cancel in q.k or p.v). One host sync (L)."""
+        keys, values, cu, L = self.gather()
+        lens = self.seq_lens.long()
+        j = torch.arange(L, device=keys.device)
+        live = j[None, :] < lens[:, None]
+        idx = (cu[:-1].long()[:, None] + j[None, :]).clamp_max(max(keys.shape[0] - 1, 0))
+        return keys[idx].masked_fill_(~live[..., None], 0), values[idx].masked_fill_(~live[..., None], 0), live
+
+    def ring_tokens(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The window's ring: (slot int64 [S, W1], token index int64 [S, W1] (-1 = no token yet),
+        flagged bool [S, W1]). Ring column c holds token n - W1 + ((c - n) mod W1)."""
+        W1 = self.window + 1
+        n = self.num_seen.long()[:, None]
+        col = torch.arange(W1, device=n.device)[None, :]
+        index = n - W1 + (col - n) % W1
+        index = index.masked_fill(index < 0, -1)
+        return self.ring_slots.long(), index, self.ring_flags & (index >= 0)
+
+    # -- growth --------------------------------------------------------------------------------
+    def grow_table(self, width: int) -> None:
+        """Room for ``width`` pages per sequence (never shrinks)."""
+        if width > self.table_width:
+            pad = self.block_table.new_full((self.num_seqs, width - self.table_width), -1)
+            self.block_table = torch.cat([self.block_table, pad], dim=1)
+
+    def grow_pool(self, pages: int) -> None:
+        """A pool of ``pages`` pages (never shrinks). New pages are uninitialised: only live slots
+        are ever read as they are. Reads ``free_top`` (one host sync)."""
+        old = self.num_pages
+        if pages <= old:
+            return
+        self.k_pages = _regrow(self.k_pages, pages)
+        self.v_pages = _regrow(self.v_pages, pages)
+        top = int(self.free_top[0])
+        fresh = torch.arange(old, pages, dtype=torch.int32, device=self.free_pages.device)
+        # New ids go below the existing free ones (the op pops from the top); the list keeps
+        # length P, entries from free_top on are unused.
+        unused = self.free_pages.new_zeros(old - top)
+        self.free_pages = torch.cat([fresh, self.free_pages[:top], unused])
+        self.free_top.fill_(top + pages - old)
+
+    def snapshot(self) -> "PagedStore":
+        """What ``restore`` needs to undo growth (which replaces tensors, and ``free_top`` in
+        place) when the op then refuses the chunk, writing nothing."""
+        return dataclasses.replace(self, free_top=self.free_top.clone())
+
+    def restore(self, saved: "PagedStore") -> None:
+        for f in FIELDS:
+            if f != "free_top":
+                setattr(self, f, getattr(saved, f))
+        self.free_top.copy_(saved.free_top)
+
+    # -- rewriting (eviction baselines) --------------------------------------------------------
+    def slot_rows(self, seqs: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Row of (sequence, slot) in the pools flattened to [P * page_size, D]."""
+        ps = self.page_size
+        return self.block_table[seqs, slots // ps].long() * ps + slots % ps
+
+    def move_slots(self, seqs: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the keys and values of slot ``src`` to slot ``dst`` of sequence ``seqs`` (1D
+        tensors of the same length; both slots must be mapped)."""
+        flat_k = self.k_pages.view(-1, self.head_dim)
+        flat_v = self.v_pages.view(-1, self.head_dim)
+        src_row, dst_row = self.slot_rows(seqs, src), self.slot_rows(seqs, dst)
+        flat_k[dst_row] = flat_k[src_row]
+        flat_v[dst_row] = flat_v[src_row]
+
+    def truncate(self, lens: torch.Tensor) -> None:
+        """Keep slots ``0 .. lens[s]-1`` of each sequence; pages past them go back on the free list
+        (append pops a fresh page whenever a new slot starts one, so a page left mapped there
+        would leak). Only for a store whose ring cannot name a dropped slot (window 0, decisions
+        0: the eviction baselines). One host sync (free_top)."""
+        if lens.shape != self.seq_lens.shape:
+            raise ValueError(f"lens must be [S] = [{self.num_seqs}], got {tuple(lens.shape)}")
+        ps = self.page_size
+        cols = torch.arange(self.table_width, device=self.block_table.device)[None, :]
+        freed = (cols >= (lens.long()[:, None] + ps - 1) // ps) & (self.block_table >= 0)
+        ids = self.block_table[freed]
+        top = int(self.free_top[0])
+        self.free_pages[top: top + ids.numel()] = ids
+        self.free_top += ids.numel()
+        self.block_table[freed] = -1
+        self.seq_lens.copy_(lens.to(torch.int32))
+
+
+def _regrow(pages: torch.Tensor, n: int) -> torch.Tensor:
+    grown = pages.new_empty((n, *pages.shape[1:]))
+    grown[: pages.shape[0]] = pages
+    return grown
+
+
+def pages_for(tokens: int, page_size: int) -> int:
+    return math.ceil(tokens / page_size)
