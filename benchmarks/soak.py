@@ -83,10 +83,9 @@ def summarise(samples, args) -> int:
 
 
 def plot(samples, args) -> None:
-    import matplotlib
+    from dms.eval.report import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     step = [s[0] for s in samples]
     fig, (ax_rss, ax_pool) = plt.subplots(2, 1, sharex=True, figsize=(7, 5))

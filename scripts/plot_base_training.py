@@ -11,12 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-import matplotlib
+from dms.eval.report import pyplot
+from dms.tasks import TASKS
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from dms.tasks import TASKS  # noqa: E402
+plt = pyplot()
 
 
 def read_evals(paths: list[str], until: int | None) -> tuple[dict[int, dict[str, float]], list[int]]:

@@ -56,7 +56,9 @@ def execute(base: str, dms_models: dict[float, str], args, ratios=(), title: str
     import torch
 
     from dms.eval import EvalConfig, evaluate, plot, save_json, table
+    from dms.eval.report import pyplot
 
+    pyplot()  # before minutes of evaluation, not after: matplotlib is an optional extra
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(tasks=args.tasks, length=args.length, samples=args.samples, batch_size=args.batch_size,

@@ -47,13 +47,23 @@ def save_json(rows: list[Row], path: str | Path, meta: dict | None = None) -> Pa
     return path
 
 
-def plot(rows: list[Row], path: str | Path, title: str = "accuracy vs KV compression") -> Path:
-    """Mean accuracy over tasks vs achieved compression ratio, one line per method (panel 1),
-    then one panel per task. PNG through matplotlib's Agg backend (no display needed)."""
-    import matplotlib
-
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed); matplotlib is an optional
+    dependency, the ``plot`` extra."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError('plotting needs matplotlib: pip install "dms-kv[plot]"') from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(rows: list[Row], path: str | Path, title: str = "accuracy vs KV compression") -> Path:
+    """Mean accuracy over tasks vs achieved compression ratio, one line per method (panel 1),
+    then one panel per task, as a PNG."""
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
