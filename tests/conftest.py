@@ -23,6 +23,11 @@ def device(request):
     return torch.device(request.param)
 
 
+def on(device, tensors):
+    """The tensors (e.g. left_padded's ids and mask) moved to ``device``, as a tuple."""
+    return tuple(t.to(device) for t in tensors)
+
+
 def forced_dms_model(arch: str, variant: str = "neuron", window: int = 3, seed: int = 0, **dms_kwargs):
     """A tiny DMS model whose decisions evict about half of the tokens, with margins far from
     the threshold so that fp32 rounding cannot flip a decision between code paths."""

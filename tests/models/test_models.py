@@ -1,4 +1,5 @@
-"""dms.apply / dms.from_pretrained / save_pretrained, the mode contract, and error cases."""
+"""dms.apply / dms.from_pretrained / save_pretrained, the mode contract, and error cases; the
+forward passes run on every device (CPU, plus CUDA when available)."""
 from __future__ import annotations
 
 import json
@@ -7,25 +8,26 @@ import pytest
 import torch
 
 import dms
-from conftest import VARIANTS, forced_dms_model, left_padded
+from conftest import VARIANTS, forced_dms_model, left_padded, on
 from dms.config import DMSConfigError
-from dms.models import (DMSCheckpointError, borrowed_neuron_rows, dms_parameters, last_decisions,
+from dms.models import (DMSCheckpointError, borrowed_neuron_rows, dms_parameters, last_decisions, last_logits,
                         set_mode, set_noise_generator)
 from dms.models.tiny import tiny_model
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_save_load_round_trip(arch, variant, tmp_path):
+def test_save_load_round_trip(arch, variant, tmp_path, device):
     model = forced_dms_model(arch, variant, window=5)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == [type(model).__name__] and type(model).__name__.endswith("ForCausalLM")
     assert config["dms_window_size"] == 5 and config["dms_separate_alpha"] == (variant == "adapter")
     assert "auto_map" not in config and config.get("_attn_implementation") is None
-    loaded = dms.from_pretrained(str(tmp_path))
+    loaded = dms.from_pretrained(str(tmp_path)).to(device)
+    model = model.to(device)
     assert dms.models.dms_config(loaded) == dms.models.dms_config(model)
     assert len(dms_parameters(loaded)) == (6 if variant == "adapter" else 0)
-    ids, mask = left_padded([6, 9])
+    ids, mask = on(device, left_padded([6, 9]))
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).logits,
                                    model(input_ids=ids, attention_mask=mask).logits, atol=0, rtol=0)
@@ -37,10 +39,15 @@ def test_apply_options_and_contract(arch):
     assert [p.shape for _, p in dms_parameters(model)][:3] == [torch.Size([64]), torch.Size([1, 64]), torch.Size([1])]
     assert borrowed_neuron_rows(model) == {}
     ids = torch.randint(3, 128, (2, 7))
+    set_mode(model, "train")
+    set_noise_generator(model, torch.Generator().manual_seed(0))
     model(input_ids=ids)
-    decisions = last_decisions(model)
-    assert len(decisions) == 2 and decisions[0].shape == (2, 2, 7)
-    assert not decisions[0].any()  # zero-initialised adapter: logit = -offset, keep everything
+    logits = last_logits(model)
+    assert len(logits) == 2 and all(torch.equal(x, torch.full((2, 2, 7), -5.0)) for x in logits)  # -offset
+    set_mode(model, "infer")
+    cache = dms.DMSCache(model)
+    model(input_ids=ids, past_key_values=cache)
+    assert cache.compression_ratio() == 1.0  # a zero-initialised adapter keeps everything
 
     neuron = tiny_model(arch)
     dms.apply(neuron, dms_window_size=4)
@@ -48,18 +55,20 @@ def test_apply_options_and_contract(arch):
     assert set(rows) == {0, 1} and rows[0].tolist() == [15, 2 * 16 + 15]  # last dim of heads 0 and 2
 
 
-def test_alpha_per_layer_shares_one_logit(arch):
-    model = forced_dms_model(arch, "neuron", dms_alpha_per="layer")
-    model(input_ids=torch.randint(3, 128, (1, 12)))
-    d = last_decisions(model)[0]
-    assert torch.equal(d[:, 0], d[:, 1]) and 0 < d.mean() < 1
-
-
-def test_train_mode_calls_train_attention(arch):
-    model = forced_dms_model(arch, "adapter")
+def test_alpha_per_layer_shares_one_logit(arch, device):
+    model = forced_dms_model(arch, "neuron", dms_alpha_per="layer").to(device)
     set_mode(model, "train")
-    set_noise_generator(model, torch.Generator().manual_seed(0))
-    ids, mask = left_padded([5, 8])
+    set_noise_generator(model, torch.Generator(device=device).manual_seed(0))
+    model(input_ids=torch.randint(3, 128, (1, 12), device=device))
+    logits = last_logits(model)[0]
+    assert torch.equal(logits[:, 0], logits[:, 1]) and (logits > 0).any() and (logits < 0).any()
+
+
+def test_train_mode_calls_train_attention(arch, device):
+    model = forced_dms_model(arch, "adapter").to(device)
+    set_mode(model, "train")
+    set_noise_generator(model, torch.Generator(device=device).manual_seed(0))
+    ids, mask = on(device, left_padded([5, 8]))
     out = model(input_ids=ids, attention_mask=mask)
     assert out.past_key_values is None
     hard = last_decisions(model)
@@ -70,9 +79,9 @@ def test_train_mode_calls_train_attention(arch):
         set_mode(model, "eval")
 
 
-def test_chunked_prefill_equals_one_shot(arch):
-    model = forced_dms_model(arch, "neuron")
-    ids, mask = left_padded([13, 20], seed=7)
+def test_chunked_prefill_equals_one_shot(arch, device):
+    model = forced_dms_model(arch, "neuron").to(device)
+    ids, mask = on(device, left_padded([13, 20], seed=7))
     with torch.no_grad():
         one = model(input_ids=ids, attention_mask=mask, past_key_values=dms.DMSCache(model, prefill_chunk=64))
         cache = dms.DMSCache(model, prefill_chunk=3)
@@ -155,12 +164,12 @@ def test_wrong_cache_rejected(arch):
     assert model(input_ids=ids, past_key_values=DynamicCache(config=model.config)).logits.shape == (1, 5, 128)
 
 
-def test_prefill_mask_budget_splits_queries(arch, monkeypatch):
+def test_prefill_mask_budget_splits_queries(arch, monkeypatch, device):
     """A tiny mask budget forces one query row per step: same logits as one step."""
     import dms.attention.infer as infer
 
-    model = forced_dms_model(arch, "adapter")
-    ids, mask = left_padded([6, 11], seed=8)
+    model = forced_dms_model(arch, "adapter").to(device)
+    ids, mask = on(device, left_padded([6, 11], seed=8))
     with torch.no_grad():
         whole = model(input_ids=ids, attention_mask=mask, past_key_values=dms.DMSCache(model)).logits
         monkeypatch.setattr(infer, "_MASK_BUDGET", 1)
@@ -169,7 +178,7 @@ def test_prefill_mask_budget_splits_queries(arch, monkeypatch):
     torch.testing.assert_close(rows[real], whole[real], atol=1e-5, rtol=0)
 
 
-def test_unwritten_pool_memory_never_read(monkeypatch):
+def test_unwritten_pool_memory_never_read(monkeypatch, device):
     """Pool pages are allocated uninitialised; fill them with NaN: nothing may change."""
     import dms.store as store_mod
 
@@ -180,8 +189,8 @@ def test_unwritten_pool_memory_never_read(monkeypatch):
         grown[pages.shape[0]:] = float("nan")
         return grown
 
-    model = forced_dms_model("qwen3", "neuron")
-    ids, mask = left_padded([13, 20], seed=7)
+    model = forced_dms_model("qwen3", "neuron").to(device)
+    ids, mask = on(device, left_padded([13, 20], seed=7))
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         clean = model(input_ids=ids, attention_mask=mask, position_ids=pos,
