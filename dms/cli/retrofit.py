@@ -1,12 +1,13 @@
 """``dms retrofit``: train a plain Llama/Qwen2/Qwen3/Mistral model folder into a DMS model.
 
-Many processes: ``torchrun --nproc_per_node N scripts/retrofit_torchrun.py <same arguments>``.
+Many processes: ``torchrun --nproc_per_node N scripts/retrofit_torchrun.py <same arguments>``
+(FSDP2 sharding by default, see dms.train.fsdp; ``--plan`` prints the memory per process).
 """
 from __future__ import annotations
 
 import argparse
 
-from dms.train.config import DTYPES, TRAIN_MODES, VARIANTS, TrainConfig
+from dms.train.config import DTYPES, SHARDINGS, TRAIN_MODES, VARIANTS, TrainConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="steps over which the compression ratio grows linearly from 1 to the target (default: --steps)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="sequences per process and micro-batch")
     p.add_argument("--grad-accum", type=int, default=d["grad_accum"].default, help="micro-batches per optimizer step")
+    p.add_argument("--global-batch-size", type=int, default=None,
+                   help="sequences per optimizer step over all processes (sets --grad-accum; must be a multiple "
+                        "of --batch-size x processes); keeps a run the same when the number of processes changes")
     p.add_argument("--seq-len", type=int, default=d["seq_len"].default, help="tokens per training sequence")
     p.add_argument("--no-pack", dest="pack", action="store_false",
                    help="one document per sequence, left-padded to --seq-len, instead of packing documents "
@@ -49,11 +53,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")
     p.add_argument("--dtype", choices=DTYPES, default=d["dtype"].default)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if CUDA is available, else cpu")
+    p.add_argument("--sharding", choices=SHARDINGS, default=d["sharding"].default,
+                   help="how processes share the model: fsdp (FSDP2: weights, gradients and optimizer state "
+                        "sharded; needs torchrun), ddp (every process holds a full copy), none (one process); "
+                        "auto: fsdp under torchrun with more than one process, else none")
+    p.add_argument("--fsdp", dest="sharding", action="store_const", const="fsdp", help="same as --sharding fsdp")
+    p.add_argument("--plan", action="store_true",
+                   help="print the per-process memory this run needs (from config.json only, no weights loaded) "
+                        "and exit; with --world-size for a run not started yet")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="processes to plan for with --plan (default: WORLD_SIZE, or 1)")
     p.add_argument("--seed", type=int, default=d["seed"].default)
     p.add_argument("--save-every", type=int, default=d["save_every"].default,
                    help="write checkpoint-<step> every N steps (0 = only the final model)")
     p.add_argument("--log-every", type=int, default=d["log_every"].default, help="write a log record every N steps")
-    p.add_argument("--resume-from", default=None, help="a checkpoint-<step> folder of an earlier run")
+    p.add_argument("--resume-from", default=None,
+                   help="a checkpoint-<step> folder of an earlier run, or 'latest': the newest complete one in "
+                        "--output-dir (none yet: start at step 0), for jobs that are requeued")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -62,5 +78,13 @@ def run(args: argparse.Namespace) -> int:
 
     options = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
     options["progress"] = not args.no_progress
-    retrofit(args.model, TrainConfig(**options))
+    cfg = TrainConfig(**options)
+    if args.plan:
+        from dms.train.memory import plan_for_folder
+
+        print(plan_for_folder(args.model, cfg, args.world_size))
+        return 0
+    if args.world_size is not None:
+        raise ValueError("--world-size only goes with --plan (torchrun sets the number of processes)")
+    retrofit(args.model, cfg)
     return 0

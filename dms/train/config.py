@@ -7,6 +7,7 @@ SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
 TRAIN_MODES = ("adapter-only", "full")
 VARIANTS = ("neuron", "adapter")
 DTYPES = ("float32", "bfloat16", "float16")
+SHARDINGS = ("auto", "none", "ddp", "fsdp")
 
 
 @dataclass
@@ -22,6 +23,7 @@ class TrainConfig:
     ramp_steps: int | None = None  # steps over which CR grows from 1 to target_cr; None = steps
     batch_size: int = 1
     grad_accum: int = 1
+    global_batch_size: int | None = None  # sequences per optimizer step over all processes; sets grad_accum
     seq_len: int = 1024
     pack: bool = True  # False: one document per row, left-padded to seq_len (documents must fit)
     lr: float = 1e-4
@@ -41,10 +43,11 @@ class TrainConfig:
     activation_checkpointing: bool = False
     dtype: str = "float32"  # used when loading a model folder; a model object keeps its dtype
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
+    sharding: str = "auto"  # auto: fsdp under torchrun with more than one process, else none; see resolve_sharding
     seed: int = 0  # data order; the eviction noise uses torch's global RNG seeded with seed + rank
     save_every: int = 0  # 0 = only the final model
     log_every: int = 1
-    resume_from: str | None = None  # a checkpoint-* directory written by an earlier run
+    resume_from: str | None = None  # a checkpoint-* directory of an earlier run, or "latest" in output_dir
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -55,6 +58,7 @@ class TrainConfig:
             ("ramp_steps", self.ramp_steps is None or self.ramp_steps >= 0, "None or an int >= 0"),
             ("batch_size", self.batch_size >= 1, "an int >= 1"),
             ("grad_accum", self.grad_accum >= 1, "an int >= 1"),
+            ("global_batch_size", self.global_batch_size is None or self.global_batch_size >= 1, "None or an int >= 1"),
             ("seq_len", self.seq_len >= 2, "an int >= 2"),
             ("lr", self.lr > 0, "a number > 0"),
             ("warmup_steps", self.warmup_steps >= 0, "an int >= 0"),
@@ -69,6 +73,7 @@ class TrainConfig:
             ("kl_chunk_tokens", self.kl_chunk_tokens >= 1, "an int >= 1"),
             ("attention_chunk", self.attention_chunk is None or self.attention_chunk >= 1, "None or an int >= 1"),
             ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),
+            ("sharding", self.sharding in SHARDINGS, f"one of {SHARDINGS}"),
             ("save_every", self.save_every >= 0, "an int >= 0 (0 = only the final model)"),
             ("log_every", self.log_every >= 1, "an int >= 1"),
         ]
@@ -77,6 +82,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be {expected}, got {getattr(self, name)!r}")
         if not self.data:
             raise ValueError("data must list at least one JSONL file")
+        if self.global_batch_size is not None and self.grad_accum != 1:
+            raise ValueError("give grad_accum or global_batch_size, not both (global_batch_size sets grad_accum)")
+
+    def grad_accum_for(self, world: int) -> int:
+        """Micro-batches per optimizer step for ``world`` processes."""
+        if self.global_batch_size is None:
+            return self.grad_accum
+        per_micro = self.batch_size * world
+        if self.global_batch_size % per_micro:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                             f"{self.batch_size} x {world} processes")
+        return self.global_batch_size // per_micro
 
     @property
     def ramp(self) -> int:

@@ -1,5 +1,5 @@
 """Retrofit loss: KL(student || teacher) on next-token distributions + the one-sided
-compression term, and the compression-ratio curriculum (DESIGN.md §1)."""
+compression term, and the compression-ratio curriculum (docs/design.md §1)."""
 from __future__ import annotations
 
 import torch

@@ -1,8 +1,9 @@
-"""DMS retrofit training loop (DESIGN.md §1): distil a model into its own DMS version.
+"""DMS retrofit training loop (docs/design.md §1): distil a model into its own DMS version.
 
-One process, or many under ``torchrun`` (DDP: gloo on CPU, NCCL on GPU). The teacher is the
-same model with eviction off ("off" mode) when the base is frozen; a full fine-tune keeps a
-frozen copy of the original model as teacher. In the borrowed-neuron variant the borrowed
+One process, or many under ``torchrun`` (gloo on CPU, NCCL on GPU), sharded with FSDP2 (the
+default under torchrun; dms.train.fsdp) or replicated with DDP (``sharding="ddp"``). The teacher
+is the same model with eviction off ("off" mode) when the base is frozen; a full fine-tune keeps
+a frozen copy of the original model as teacher (sharded too under FSDP). In the borrowed-neuron variant the borrowed
 q_proj rows start at zero (no eviction at step 0, like the zero-initialised adapter); with a
 frozen base only those rows train (gradient masking) and the teacher runs with their original
 values swapped in, so it stays exactly the plain model.
@@ -15,25 +16,35 @@ compression_ema > 0, the term sees a running mean of past steps' fractions: loss
 
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
 checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
-recomputed noise matches. Checkpoints hold the model in the published format plus
+recomputed noise matches. Under FSDP the generator is instead seeded per micro-batch from
+(seed, index of its first sample), so the trajectory does not depend on the number of processes.
+Checkpoints (dms.train.checkpoint, written atomically) hold the model in the published format plus
 ``training_state.pt`` (optimizer, step, samples consumed, original neuron rows) and one
-``rng_rank{r}.pt`` per process, so a resumed run continues exactly like an uninterrupted one.
+``rng_rank{r}.pt`` per process, or under FSDP the sharded state in DCP format, so a resumed run
+continues exactly like an uninterrupted one (under FSDP, on any number of processes).
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import glob
 import json
 import os
+import shutil
+import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dms.attention.training import decision_mask
+from dms.train.checkpoint import (atomic_dir, export_consolidated, latest_checkpoint, load_sharded, model_shape,
+                                  publish_files, save_sharded)
 from dms.train.config import SUPPORTED_ARCHS, TrainConfig
+from dms.train.fsdp import launched_by_torchrun, local_rows, resolve_sharding, shard_student, shard_teacher
 from dms.train.data import SampleStream, one_per_row, pack, read_documents
 from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
                             mean_abs_logit, smoothed_fraction)
@@ -77,32 +88,40 @@ class NeuronRows:
         self.params: list[tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = []  # (param, rows, original)
         for layer, idx in rows.items():
             q_proj = model.model.layers[layer].self_attn.q_proj
-            idx = idx.to(q_proj.weight.device)
             weight, bias = original_q[layer]
-            self.params.append((q_proj.weight, idx, weight.to(q_proj.weight.device)[idx].clone()))
+            self.params.append((q_proj.weight, idx, weight[idx].clone()))
             if q_proj.bias is not None:
-                self.params.append((q_proj.bias, idx, bias.to(q_proj.bias.device)[idx].clone()))
+                self.params.append((q_proj.bias, idx, bias[idx].clone()))
+
+    def _local(self):
+        """(tensor, row indices in it, original rows) per parameter; under FSDP the process's
+        own shard and the borrowed rows that fall in it."""
+        for p, idx, orig in self.params:
+            tensor, local_idx, mine = local_rows(p.detach(), idx)
+            yield tensor, local_idx.to(tensor.device), orig[mine].to(tensor.device, tensor.dtype)
 
     @contextlib.contextmanager
     def original(self):
         """Swap the original rows in (no autograd trace) for the teacher's forward."""
         with torch.no_grad():
-            trained = [p[idx].clone() for p, idx, _ in self.params]
-            for p, idx, orig in self.params:
-                p[idx] = orig
+            local = list(self._local())
+            trained = [t[idx].clone() for t, idx, _ in local]
+            for t, idx, orig in local:
+                t[idx] = orig
         try:
             yield
         finally:
             with torch.no_grad():
-                for (p, idx, _), t in zip(self.params, trained):
-                    p[idx] = t
+                for (t, idx, _), kept in zip(local, trained):
+                    t[idx] = kept
 
     def mask_grads(self) -> None:
         for p, idx, _ in self.params:
             if p.grad is not None:
-                keep = torch.zeros(p.shape[0], dtype=torch.bool, device=p.device)
-                keep[idx] = True
-                p.grad[~keep] = 0
+                grad, local_idx, _ = local_rows(p.grad, idx)
+                keep = torch.zeros(grad.shape[0], dtype=torch.bool, device=grad.device)
+                keep[local_idx.to(grad.device)] = True
+                grad[~keep] = 0
 
     def state(self) -> list[torch.Tensor]:
         return [orig.cpu() for _, _, orig in self.params]
@@ -110,29 +129,35 @@ class NeuronRows:
     def load_state(self, originals: list[torch.Tensor]) -> None:
         if len(originals) != len(self.params):
             raise ValueError(f"checkpoint holds {len(originals)} original neuron row sets, the model has {len(self.params)}")
-        self.params = [(p, idx, o.to(p.device)) for (p, idx, _), o in zip(self.params, originals)]
+        self.params = [(p, idx, o) for (p, idx, _), o in zip(self.params, originals)]
 
 
 class _Student(nn.Module):
-    """The differentiable part of a step, one module so DDP can wrap it."""
+    """The differentiable part of a step, one module so DDP can wrap it (and the FSDP root)."""
 
     def __init__(self, model, kl_chunk_tokens: int):
         super().__init__()
         self.model = model
         self.kl_chunk_tokens = kl_chunk_tokens
 
-    def forward(self, ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head):
+    def hidden(self, ids, attention_mask, position_ids):
+        return self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+                                use_cache=False).last_hidden_state
+
+    def forward(self, ids, attention_mask, position_ids, real, kl_mask, teacher_h, teacher_head=None):
+        """``teacher_head`` None: the student's own output head (a frozen base)."""
         from dms.models import last_decisions, last_logits
 
-        h = self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).last_hidden_state
-        kl = kl_student_teacher(h, teacher_h, self.model.lm_head, teacher_head, kl_mask, self.kl_chunk_tokens)
+        h = self.hidden(ids, attention_mask, position_ids)
+        head = self.model.lm_head
+        kl = kl_student_teacher(h, teacher_h, head, head if teacher_head is None else teacher_head, kl_mask,
+                                self.kl_chunk_tokens)
         valid = decision_mask(real, *real.shape)
         fraction = evicted_fraction(last_decisions(self.model), valid)
         return kl, fraction, mean_abs_logit(last_logits(self.model), valid)
 
 
-def _init_distributed(device: str | None):
+def _init_distributed(device: str | None, sharding: str = "auto"):
     """(rank, world, device, owns_process_group). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -142,7 +167,7 @@ def _init_distributed(device: str | None):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     owns = False
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or (sharding == "fsdp" and launched_by_torchrun())) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         owns = True
     if dist.is_initialized():
@@ -156,6 +181,8 @@ class Trainer:
         from dms.models import borrowed_neuron_rows, dms_parameters, set_mode, set_noise_generator
 
         self.cfg, self.rank, self.world, self.device = cfg, rank, world, torch.device(device)
+        self.sharding = resolve_sharding(cfg.sharding, world)
+        self.grad_accum = cfg.grad_accum_for(world)
         base, self.tokenizer = load_base_model(model, cfg.dtype)
         max_pos = getattr(base.config, "max_position_embeddings", None)
         if max_pos is not None and cfg.seq_len > max_pos:
@@ -180,47 +207,49 @@ class Trainer:
         set_noise_generator(self.model, None)
 
         rows = borrowed_neuron_rows(self.model)
-        self.neuron = NeuronRows(self.model, original_q, rows) if neuron_frozen else None
-        del original_q
         _zero_rows(self.model, rows)
-        groups = self._trainable(dms_parameters(self.model), frozen_base)
-        self.optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+        _set_trainable(self.model, frozen_base, rows)
         if cfg.activation_checkpointing:
-            # Non-reentrant: the decisions leave each layer as a side output and need its graph.
-            if hasattr(self.model, "activation_checkpointing_enable"):
-                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-            else:
-                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            _checkpoint_layers(self.model)
         self.model.train()
         set_mode(self.model, "train")
         self.student = _Student(self.model, cfg.kl_chunk_tokens)
-        if world > 1:
+        self.gather_teacher_head = None
+        if self.sharding == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            mesh = init_device_mesh(self.device.type, (world,))
+            shard_student(self.student, mesh, self.device)
+            if self.teacher is not None:
+                self.gather_teacher_head = shard_teacher(self.teacher, mesh, self.device)
+        elif self.sharding == "ddp":
             ids_ = [self.device.index] if self.device.type == "cuda" else None
             self.student = nn.parallel.DistributedDataParallel(self.student, device_ids=ids_)
+        # After sharding: the neuron rows and the optimizer hold the (sharded) parameters.
+        self.neuron = NeuronRows(self.model, original_q, rows) if neuron_frozen else None
+        del original_q
+        self.optimizer = torch.optim.AdamW(self._groups(dms_parameters(self.model), frozen_base), lr=cfg.lr)
         self.step, self.samples = 0, 0
         self.running_fraction: float | None = None  # mean over ranks and micro-batches, so equal on every rank
         torch.manual_seed(cfg.seed + rank)
-        if cfg.resume_from:
-            self._resume(cfg.resume_from)
+        resume = cfg.resume_from
+        if resume == "latest":
+            resume = latest_checkpoint(cfg.output_dir)
+            if resume is None and rank == 0:
+                print(f"dms retrofit: no checkpoint in {cfg.output_dir!r} yet, starting at step 0", file=sys.stderr)
+        if resume:
+            self._resume(resume)
 
-    def _trainable(self, dms_params, frozen_base: bool) -> list[dict]:
+    def _groups(self, dms_params, frozen_base: bool) -> list[dict]:
         cfg = self.cfg
         if not frozen_base:
-            self.model.requires_grad_(True)
             return [{"params": [p for p in self.model.parameters()], "weight_decay": cfg.weight_decay}]
-        self.model.requires_grad_(False)
         adapters = [p for _, p in dms_params]
         groups = [{"params": adapters, "weight_decay": cfg.weight_decay}] if adapters else []
         if self.neuron is not None:
             # AdamW's decay would shrink every row of q_proj, not only the borrowed ones.
             rows = list({id(p): p for p, _, _ in self.neuron.params}.values())
             groups.append({"params": rows, "weight_decay": 0.0})
-        for g in groups:
-            for p in g["params"]:
-                p.requires_grad_(True)
-        if not any(g["params"] for g in groups):
-            raise ValueError(f"variant {cfg.variant!r} with train_mode 'adapter-only' left nothing to train "
-                             "(dms.models reported no DMS parameters nor borrowed rows)")
         return groups
 
     # -- one step -----------------------------------------------------------------------
@@ -230,10 +259,10 @@ class Trainer:
                 return self.teacher.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                                           use_cache=False).last_hidden_state
             self._set_mode(self.model, "off")
+            core = self.student.module if isinstance(self.student, nn.parallel.DistributedDataParallel) else self.student
             try:
                 with self.neuron.original() if self.neuron is not None else contextlib.nullcontext():
-                    return self.model.model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
-                                            use_cache=False).last_hidden_state
+                    return core.hidden(ids, attention_mask, position_ids)
             finally:
                 self._set_mode(self.model, "train")
 
@@ -245,11 +274,18 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        teacher_head = (self.teacher if self.teacher is not None else self.model).lm_head
+        if self.gather_teacher_head is not None:
+            teacher_head = self.gather_teacher_head()
+        else:
+            teacher_head = None if self.teacher is None else self.teacher.lm_head
         sums = torch.zeros(5, dtype=torch.float64)  # kl, compression term, evicted fraction, mean |logit|, tokens
-        per_step = cfg.batch_size * cfg.grad_accum * self.world
-        for m in range(cfg.grad_accum):
+        accum = self.grad_accum
+        per_step = cfg.batch_size * accum * self.world
+        for m in range(accum):
             first = self.samples + (m * self.world + self.rank) * cfg.batch_size
+            if self.sharding == "fsdp":
+                # The noise follows the sample, not the process: any world size, same trajectory.
+                torch.manual_seed(noise_seed(cfg.seed, first))
             ids, real, distilled = (t.to(self.device) for t in self.stream.batch(range(first, first + cfg.batch_size)))
             padded = not bool(real.all())
             attention_mask = real.long() if padded else None
@@ -257,13 +293,13 @@ class Trainer:
             teacher_h = self.teacher_hidden(ids, attention_mask, position_ids)
             # What follows an EOS is the start of an unrelated packed document: not distilled.
             kl_mask = real & distilled if self.eos is None else real & distilled & (ids != self.eos)
-            sync = m == cfg.grad_accum - 1 or not isinstance(self.student, nn.parallel.DistributedDataParallel)
+            sync = m == accum - 1 or self.sharding != "ddp"
             with contextlib.nullcontext() if sync else self.student.no_sync():
                 kl, fraction, abs_logit = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h,
                                                        teacher_head)
                 comp = compression_loss(smoothed_fraction(fraction, self.running_fraction, cfg.compression_ema),
                                         target_frac)
-                ((kl + cfg.compression_weight * comp) / cfg.grad_accum).backward()
+                ((kl + cfg.compression_weight * comp) / accum).backward()
             sums += torch.tensor([kl.item(), comp.item(), fraction.item(), abs_logit.item(), float(real.sum())],
                                  dtype=torch.float64)
         if self.neuron is not None:
@@ -275,7 +311,7 @@ class Trainer:
         self.samples += per_step
         if self.world > 1:
             dist.all_reduce(sums)
-        n = cfg.grad_accum * self.world
+        n = accum * self.world
         kl, comp, frac, abs_logit = (sums[:4] / n).tolist()
         beta = cfg.compression_ema
         self.running_fraction = frac if self.running_fraction is None else beta * self.running_fraction + (1 - beta) * frac
@@ -286,39 +322,97 @@ class Trainer:
                 "seconds": seconds}
 
     # -- checkpoints ---------------------------------------------------------------------
-    def save(self, directory: str) -> None:
-        """Published format (``save_pretrained`` + tokenizer) + training state + RNG per rank."""
-        os.makedirs(directory, exist_ok=True)
+    def _training_state(self, fmt: str) -> dict:
+        state = {"format": fmt, "step": self.step, "samples": self.samples, "world_size": self.world,
+                 "samples_per_step": self.cfg.batch_size * self.grad_accum * self.world,
+                 "running_fraction": self.running_fraction, "config": self.cfg.to_dict(),
+                 "model": model_shape(self.model.config),
+                 "neuron_rows": None if self.neuron is None else self.neuron.state()}
+        if fmt == "published":
+            state["optimizer"] = self.optimizer.state_dict()
+        return state
+
+    def _write(self, directory: str) -> None:
+        """Into an empty directory: the sharded state (FSDP), or the published format +
+        training state + RNG per rank."""
+        if self.sharding == "fsdp":
+            save_sharded(directory, self.student, self.optimizer)
+            if self.rank == 0:
+                torch.save(self._training_state("dcp"), os.path.join(directory, STATE_FILE))
+            return
         if self.rank == 0:
             self.model.save_pretrained(directory)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(directory)
-            torch.save({"step": self.step, "samples": self.samples, "world_size": self.world,
-                        "running_fraction": self.running_fraction,
-                        "optimizer": self.optimizer.state_dict(), "config": self.cfg.to_dict(),
-                        "neuron_rows": None if self.neuron is None else self.neuron.state()},
-                       os.path.join(directory, STATE_FILE))
+            torch.save(self._training_state("published"), os.path.join(directory, STATE_FILE))
         rng = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         torch.save(rng, os.path.join(directory, f"rng_rank{self.rank}.pt"))
+
+    def save(self, directory: str) -> None:
+        """A resumable checkpoint, complete or absent (written aside, then renamed)."""
+        with atomic_dir(directory, self.rank, self.world) as tmp:
+            self._write(tmp)
+
+    def save_final(self) -> None:
+        """The trained model in the published format into output_dir (one consolidated copy
+        under FSDP), its files moved in once all are written."""
+        tmp = os.path.join(self.cfg.output_dir, ".tmp-final")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        if self.world > 1:
+            dist.barrier()
+        if self.sharding == "fsdp":
+            export_consolidated(tmp, self.student, self.model, self.tokenizer, self.rank)
+        else:
+            self._write(tmp)
+        if self.world > 1:
+            dist.barrier()
+        if self.rank == 0:
+            publish_files(tmp, self.cfg.output_dir)
         if self.world > 1:
             dist.barrier()
 
     def _resume(self, directory: str) -> None:
-        from safetensors.torch import load_file
-
         path = os.path.join(directory, STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume_from {directory!r} has no {STATE_FILE} (not a checkpoint of this trainer)")
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state["world_size"] != self.world:
+        fmt = state.get("format", "published")
+        sharded = self.sharding == "fsdp"
+        if (fmt == "dcp") != sharded:
+            raise ValueError(f"resume_from {directory!r} was written {'with' if fmt == 'dcp' else 'without'} "
+                             f"FSDP sharding; resume it {'with --fsdp under torchrun' if fmt == 'dcp' else 'without --fsdp'}")
+        if "model" in state and state["model"] != model_shape(self.model.config):
+            diff = {k: (v, model_shape(self.model.config)[k]) for k, v in state["model"].items()
+                    if v != model_shape(self.model.config)[k]}
+            raise ValueError(f"resume_from {directory!r} belongs to a different model: (checkpoint, this model) {diff}")
+        if not sharded and state["world_size"] != self.world:
             raise ValueError(f"resume_from {directory!r} was written by {state['world_size']} processes, "
-                             f"this run has {self.world}: an identical continuation needs the same number")
+                             f"this run has {self.world}: an identical continuation needs the same number "
+                             "(FSDP checkpoints resume on any number)")
+        per_step = self.cfg.batch_size * self.grad_accum * self.world
+        if sharded and state["samples_per_step"] != per_step:
+            raise ValueError(f"resume_from {directory!r} took {state['samples_per_step']} sequences per step, this run "
+                             f"takes {per_step}: pass --global-batch-size {state['samples_per_step']}")
         for key in ("train_mode", "variant", "window", "seed"):
             if state["config"][key] != getattr(self.cfg, key):
                 raise ValueError(f"resume_from {directory!r} was trained with {key}={state['config'][key]!r}, "
                                  f"this run has {key}={getattr(self.cfg, key)!r}")
+        if sharded:
+            load_sharded(directory, self.student, self.optimizer)
+        else:
+            self._load_published(directory, state)
+        if self.neuron is not None:
+            self.neuron.load_state(state["neuron_rows"])
+        self.step, self.samples = state["step"], state["samples"]
+        self.running_fraction = state.get("running_fraction")  # absent in checkpoints of older versions
+
+    def _load_published(self, directory: str, state: dict) -> None:
+        from safetensors.torch import load_file
+
         weights = {}
         for f in sorted(glob.glob(os.path.join(directory, "*.safetensors"))):
             weights.update(load_file(f, device=str(self.device)))
@@ -328,10 +422,6 @@ class Trainer:
         if unexpected or untied:
             raise ValueError(f"checkpoint {directory!r} does not match the model: missing {untied}, unexpected {unexpected}")
         self.optimizer.load_state_dict(state["optimizer"])
-        if self.neuron is not None:
-            self.neuron.load_state(state["neuron_rows"])
-        self.step, self.samples = state["step"], state["samples"]
-        self.running_fraction = state.get("running_fraction")  # absent in checkpoints of older versions
         rng_path = os.path.join(directory, f"rng_rank{self.rank}.pt")
         if not os.path.isfile(rng_path):
             raise FileNotFoundError(f"resume_from {directory!r} lacks rng_rank{self.rank}.pt (incomplete checkpoint)")
@@ -364,8 +454,9 @@ class Trainer:
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                 self.save(os.path.join(cfg.output_dir, f"checkpoint-{self.step:06d}"))
         bar.close()
-        self._check_ranks_agree()
-        self.save(cfg.output_dir)
+        if self.sharding == "ddp":
+            self._check_ranks_agree()
+        self.save_final()
         self.model.eval()
         self._set_mode(self.model, "infer")
         return self.model
@@ -381,6 +472,48 @@ class Trainer:
         dist.all_gather(gathered, digest)
         if not all(torch.equal(g, gathered[0]) for g in gathered):
             raise RuntimeError("trained parameters differ between ranks after training")
+
+
+def _checkpoint_layers(model) -> None:
+    """Recompute each decoder layer in backward. Not transformers' gradient checkpointing: it
+    recomputes ``forward`` without the layer's forward pre-hooks, and the adapter variant's
+    hook hands the attention its residual input. Non-reentrant: the decisions leave each layer as
+    a side output and need its graph. Inside FSDP's hooks, which unshard the layer first."""
+    from dms.models.patch import _keep_residual
+
+    for layer in model.model.layers:
+        adapter = hasattr(layer.self_attn, "dms_adapter")
+
+        def run(*args, _forward=layer.forward, _layer=layer, _adapter=adapter, **kwargs):
+            if _adapter:
+                _keep_residual(_layer, args, kwargs)
+            return _forward(*args, **kwargs)
+
+        layer.forward = functools.partial(checkpoint, run, use_reentrant=False)
+
+
+def noise_seed(seed: int, sample: int) -> int:
+    """Seed of the eviction noise of the micro-batch that starts at stream position ``sample``."""
+    return (seed * 1_000_003 + sample + 0x5DEECE66D) % (1 << 63)
+
+
+def _set_trainable(model, frozen_base: bool, rows: dict) -> None:
+    """requires_grad: everything (full fine-tune), or only the adapters / borrowed q_proj rows'
+    parameters (whose other rows get their gradient masked)."""
+    from dms.models import dms_parameters
+
+    model.requires_grad_(not frozen_base)
+    if not frozen_base:
+        return
+    trainable = [p for _, p in dms_parameters(model)]
+    for layer in rows:
+        q_proj = model.model.layers[layer].self_attn.q_proj
+        trainable += [q_proj.weight] + ([q_proj.bias] if q_proj.bias is not None else [])
+    if not trainable:
+        raise ValueError("train_mode 'adapter-only' left nothing to train "
+                         "(dms.models reported no DMS parameters nor borrowed rows)")
+    for p in trainable:
+        p.requires_grad_(True)
 
 
 def _zero_rows(model, rows: dict) -> None:
@@ -414,7 +547,7 @@ def retrofit(model, config: TrainConfig | None = None, **options):
     if config is not None and options:
         raise TypeError("give either config or keyword options, not both")
     cfg = config or TrainConfig(**options)
-    rank, world, device, owns = _init_distributed(cfg.device)
+    rank, world, device, owns = _init_distributed(cfg.device, cfg.sharding)
     try:
         return Trainer(model, cfg, rank, world, device).train()
     finally:

@@ -1,5 +1,5 @@
-"""Two-process retrofit under torchrun (DDP, gloo on CPU): completes, and both ranks hold
-identical trained weights."""
+"""Two-process retrofit under torchrun with --sharding ddp (gloo on CPU): completes, and both
+ranks hold identical trained weights. FSDP: test_fsdp.py."""
 import json
 import os
 import signal
@@ -17,7 +17,8 @@ _WORKER = textwrap.dedent("""
     from dms.train import retrofit
     model_dir, data, out = sys.argv[1:4]
     model = retrofit(model_dir, data=[data], output_dir=out, steps=3, seq_len=32, window=4, target_cr=3.0,
-                     batch_size=1, grad_accum=2, lr=1e-2, variant="neuron", progress=False)
+                     batch_size=1, grad_accum=2, lr=1e-2, variant="neuron", progress=False,
+                     sharding="ddp")
     rank = os.environ["RANK"]
     torch.save({n: p.detach().clone() for n, p in model.named_parameters() if "q_proj" in n},
                os.path.join(out, f"params_rank{rank}.pt"))
