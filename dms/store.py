@@ -9,7 +9,6 @@ baselines need. Readers (attention, statistics) may read the fields.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
@@ -228,7 +227,3 @@ def _regrow(pages: torch.Tensor, n: int) -> torch.Tensor:
     grown = pages.new_empty((n, *pages.shape[1:]))
     grown[: pages.shape[0]] = pages
     return grown
-
-
-def pages_for(tokens: int, page_size: int) -> int:
-    return math.ceil(tokens / page_size)

@@ -55,7 +55,7 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
     layer's input (the adapter's input); ``rope`` the model file's apply_rotary_pos_emb."""
     B, T, _ = hidden_states.shape
     mode = runtime.mode
-    cache = _checked_cache(past_key_values, mode, runtime.config.window)
+    cache = checked_cache(past_key_values, mode, runtime.config.window)
     q, k, v, logits = _project(module, hidden_states, position_embeddings, residual, rope, runtime)
     padding = _padding(attention_mask, T)
     if mode == "train":
@@ -67,7 +67,7 @@ def dms_attention_forward(module, hidden_states, position_embeddings, attention_
     return module.o_proj(out.transpose(1, 2).reshape(B, T, -1)), None
 
 
-def _checked_cache(cache, mode: str, window: int):
+def checked_cache(cache, mode: str, window: int):
     """The cache if it can serve ``mode``; a clear error for anything else."""
     if cache is None:
         return None

@@ -16,7 +16,7 @@ import torch
 from transformers.masking_utils import AttentionMaskInterface
 
 from dms.attention.decisions import DMSAdapter
-from dms.attention.layer import DMSRuntime, dms_attention_forward
+from dms.attention.layer import DMSRuntime, checked_cache, dms_attention_forward
 from dms.cache import DMSCache
 from dms.compat import CACHE_ARG, either_cache
 from dms.config import DMSConfig
@@ -86,6 +86,7 @@ def dms_model_class(base: type) -> type:
                 use_cache = False
             elif mode == "infer" and cache is None and (self.config.use_cache if use_cache is None else use_cache):
                 cache = DMSCache(self)  # what the base model does with a DynamicCache
+            checked_cache(cache, mode, self._dms_runtime.config.window)  # before transformers uses it
             return base.forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                 position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
                                 use_cache=use_cache, logits_to_keep=logits_to_keep, **{CACHE_ARG: cache}, **kwargs)
