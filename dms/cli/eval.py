@@ -26,7 +26,7 @@ def _ratio_path(text: str) -> tuple[float, str]:
 
 
 def add_common(p: argparse.ArgumentParser, samples: int, length: int, out: str) -> None:
-    from dms.eval.runner import METHODS
+    from dms.eval.runner import EVAL_SEED, METHODS
     from dms.tasks import TASKS
 
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=sorted(TASKS), metavar="TASK",
@@ -35,6 +35,9 @@ def add_common(p: argparse.ArgumentParser, samples: int, length: int, out: str) 
                    help=f"methods (default: all of {', '.join(METHODS)})")
     p.add_argument("--samples", type=int, default=samples, help="samples per task")
     p.add_argument("--length", type=int, default=length, help="prompt tokens (raised to a task's minimum)")
+    p.add_argument("--seed", type=int, default=EVAL_SEED,
+                   help=f"base seed: sample i of every task has seed SEED + i (default {EVAL_SEED}, held out: "
+                        "no training path draws these seeds)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=out, help="folder for results.json and accuracy_vs_compression.png")
@@ -62,11 +65,14 @@ def execute(base: str, dms_models: dict[float, str], args, ratios=(), title: str
     if args.threads:
         torch.set_num_threads(args.threads)
     config = EvalConfig(tasks=args.tasks, length=args.length, samples=args.samples, batch_size=args.batch_size,
-                        methods=args.methods, ratios=list(ratios))
+                        methods=args.methods, ratios=list(ratios), seed=args.seed)
     rows = evaluate(base, dms_models, config, progress=not args.no_progress)
+    print(f"samples: seeds {args.seed} .. {args.seed + args.samples - 1} per task", flush=True)
     print(table(rows), flush=True)
     meta = dict(base=base, dms={f"{r:g}": p for r, p in dms_models.items()}, tasks=args.tasks,
-                methods=args.methods, samples=args.samples, length=args.length, ratios=list(ratios))
+                methods=args.methods, samples=args.samples, length=args.length, ratios=list(ratios),
+                seeds=f"sample i of every task: seed {args.seed} + i", seed=args.seed,
+                ci="95%: Wilson per task, normal with Agresti-Coull variances for the mean (dms.eval.stats)")
     out = Path(args.out)
     paths = dict(json=save_json(rows, out / "results.json", meta),
                  png=plot(rows, out / "accuracy_vs_compression.png", title))

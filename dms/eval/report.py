@@ -1,41 +1,53 @@
-"""Table, JSON and accuracy-vs-compression plot of an evaluation (rows from dms.eval.runner)."""
+"""Table, JSON and accuracy-vs-compression plot of an evaluation (rows from dms.eval.runner),
+each with 95% confidence intervals: Wilson per task, a normal interval for the mean over tasks
+(dms.eval.stats)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 from dms.eval.runner import Row
+from dms.eval.stats import mean_interval
 
 _MARKERS = {"vanilla": "*", "dms": "o", "streaming": "s", "h2o": "^", "tova": "D", "quest": "v"}
 
 
 def summary(rows: list[Row]) -> list[dict]:
-    """One entry per (method, ratio): accuracy, compression and KV bytes averaged over tasks."""
+    """One entry per (method, ratio): accuracy (with its 95% interval), compression and KV bytes
+    averaged over tasks, and each task's accuracy and interval."""
     groups: dict[str, list[Row]] = {}
     for r in rows:
         groups.setdefault(r.label, []).append(r)
     out = []
     for label, rs in groups.items():
         n = len(rs)
+        low, high = mean_interval([(r.accuracy, r.samples) for r in rs])
         out.append(dict(label=label, method=rs[0].method, ratio=rs[0].ratio,
-                        accuracy=sum(r.accuracy for r in rs) / n, compression=sum(r.compression for r in rs) / n,
-                        kv_bytes=sum(r.kv_bytes for r in rs) / n, tasks={r.task: r.accuracy for r in rs}))
+                        accuracy=sum(r.accuracy for r in rs) / n, ci_low=low, ci_high=high,
+                        compression=sum(r.compression for r in rs) / n,
+                        kv_bytes=sum(r.kv_bytes for r in rs) / n, tasks={r.task: r.accuracy for r in rs},
+                        task_ci={r.task: [r.ci_low, r.ci_high] for r in rs}))
     return out
 
 
 def table(rows: list[Row]) -> str:
-    """Accuracy per task, mean accuracy, achieved compression ratio and retained KV KiB per sample."""
+    """Accuracy per task, mean accuracy, achieved compression ratio and retained KV KiB per
+    sample; under each method's line, the 95% intervals of its accuracies."""
     tasks = list(dict.fromkeys(r.task for r in rows))
     head = ["method"] + tasks + ["mean acc", "CR", "KV KiB"]
     lines = []
+    ci = lambda lo, hi: f"{lo:.2f}-{hi:.2f}"
     for s in summary(rows):
         lines.append([s["label"]] + [f"{s['tasks'][t]:.3f}" if t in s["tasks"] else "-" for t in tasks]
                      + [f"{s['accuracy']:.3f}", f"{s['compression']:.2f}x", f"{s['kv_bytes'] / 1024:.1f}"])
+        lines.append(["  95% CI"] + [ci(*s["task_ci"][t]) if t in s["task_ci"] else "" for t in tasks]
+                     + [ci(s["ci_low"], s["ci_high"]), "", ""])
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     rule = "-" * len(fmt(head))
-    notes = ["quest keeps every token: its CR is tokens seen / keys read per decode step"] \
-        if any(r.method == "quest" for r in rows) else []
+    notes = ["95% CI: Wilson per task, normal (Agresti-Coull variances) for the mean; see dms.eval.stats"]
+    if any(r.method == "quest" for r in rows):
+        notes.append("quest keeps every token: its CR is tokens seen / keys read per decode step")
     return "\n".join([fmt(head), rule] + [fmt(line) for line in lines] + notes)
 
 
@@ -60,9 +72,16 @@ def pyplot():
     return plt
 
 
+def _with_ci(rows: list[Row]) -> tuple[float, float, float]:
+    """(accuracy, low, high) of one row, or of the mean over several tasks' rows."""
+    if len(rows) == 1:
+        return rows[0].accuracy, rows[0].ci_low, rows[0].ci_high
+    return (sum(r.accuracy for r in rows) / len(rows), *mean_interval([(r.accuracy, r.samples) for r in rows]))
+
+
 def plot(rows: list[Row], path: str | Path, title: str = "accuracy vs KV compression") -> Path:
     """Mean accuracy over tasks vs achieved compression ratio, one line per method (panel 1),
-    then one panel per task, as a PNG."""
+    then one panel per task, with 95% intervals as error bars, as a PNG."""
     plt = pyplot()
 
     path = Path(path)
@@ -80,15 +99,17 @@ def plot(rows: list[Row], path: str | Path, title: str = "accuracy vs KV compres
             pts = {}
             for r in rows:
                 if r.method == method and (task is None or r.task == task):
-                    pts.setdefault(r.label, []).append((r.compression, r.accuracy))
-            xy = sorted((sum(x for x, _ in v) / len(v), sum(y for _, y in v) / len(v)) for v in pts.values())
-            if not xy:
+                    pts.setdefault(r.label, []).append(r)
+            pts = sorted((sum(r.compression for r in v) / len(v), _with_ci(v)) for v in pts.values())
+            if not pts:
                 continue
-            xs, ys = zip(*xy)
+            xs = [x for x, _ in pts]
+            ys, lo, hi = zip(*(c for _, c in pts))
             if method == "vanilla":
                 ax.axhline(ys[0], color="gray", ls="--", lw=1)
-            ax.plot(xs, ys, marker=_MARKERS.get(method, "o"), ms=max(4.0, sizes[method]), lw=1.5, alpha=0.85,
-                    label=method)
+            ax.errorbar(xs, ys, yerr=[[y - a for y, a in zip(ys, lo)], [b - y for y, b in zip(ys, hi)]],
+                        marker=_MARKERS.get(method, "o"), ms=max(4.0, sizes[method]), lw=1.5, alpha=0.85,
+                        capsize=3, label=method)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("compression ratio (tokens seen / retained; quest: / read)" if "quest" in methods
                       else "compression ratio (tokens seen / retained)", fontsize=8)

@@ -12,9 +12,15 @@ samples, rounded (so both hold about as many KV entries); without a DMS model fo
 ``min(4, budget - 1)`` sinks; H2O protects ``budget // 2`` recent tokens; Quest selects pages
 of ``min(page_size, budget // 4)`` tokens, so that its budget spans at least 4 pages.
 
-Every method sees the same samples (seeds ``EVAL_SEED + i``, prompts of the same length per
-task, so a batch needs no padding) and decodes greedily for as many tokens as the longest gold
-answer plus a margin. Compression ratio = tokens seen / retained, as DMSCache.stats defines it.
+Samples: sample i (0-based) of every task has seed ``seed + i`` (``EvalConfig.seed``, default
+``EVAL_SEED``); the generator draws from ``random.Random(f"{task}:{length}:{seed + i}")``, so
+tasks and prompt lengths get different samples from the same seed numbers. The default seeds,
+4 * 10**9 upward, are held out: no training path draws them (training streams draw below 2**31,
+the retrofit data starts at 2 * 10**9, the base's periodic evaluation uses 10**9 + i; see
+tests/eval/test_eval_seeds.py). Every method sees the same samples (prompts of the same length
+per task, so a batch needs no padding) and decodes greedily for as many tokens as the longest
+gold answer plus a margin. Compression ratio = tokens seen / retained, as DMSCache.stats
+defines it. Each row carries its per-sample scores and a 95% interval (dms.eval.stats).
 """
 from __future__ import annotations
 
@@ -27,10 +33,11 @@ import torch
 from dms.baselines import POLICIES, PolicyCache
 from dms.cache import DMSCache
 from dms.compat import cache_kwargs
+from dms.eval.stats import wilson
 from dms.tasks import TASKS, generate, min_length, score
 
 METHODS = ("vanilla", "dms") + POLICIES
-EVAL_SEED = 10 ** 9  # as scripts/train_base_model.py: seeds its training stream practically never draws
+EVAL_SEED = 4 * 10 ** 9  # held out: above every seed a training path draws (module docstring)
 _EXTRA_TOKENS = 4  # generated beyond the longest gold answer
 
 
@@ -43,6 +50,7 @@ class EvalConfig:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ratios: list[float] = field(default_factory=list)  # baselines' ratios with no DMS model
     page_size: int = 16
+    seed: int = EVAL_SEED  # sample i of each task has seed seed + i
 
     def __post_init__(self):
         unknown = [t for t in self.tasks if t not in TASKS]
@@ -54,6 +62,8 @@ class EvalConfig:
         for name in ("length", "samples", "batch_size", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if any(r < 1 for r in self.ratios):
             raise ValueError(f"ratios must be >= 1, got {self.ratios}")
 
@@ -71,6 +81,12 @@ class Row:
     budget: int | None  # baselines' token budget per KV head
     samples: int
     seconds: float
+    scores: list[float] = field(default_factory=list)  # per sample, in seed order
+    ci_low: float = field(init=False)  # 95% Wilson interval of accuracy (dms.eval.stats)
+    ci_high: float = field(init=False)
+
+    def __post_init__(self):
+        self.ci_low, self.ci_high = wilson(self.accuracy, self.samples)
 
     @property
     def label(self) -> str:
@@ -80,9 +96,10 @@ class Row:
         return dict(asdict(self), label=self.label)
 
 
-def task_samples(task: str, length: int, n: int):
+def task_samples(task: str, length: int, n: int, seed: int = EVAL_SEED):
+    """Samples ``seed`` .. ``seed + n - 1`` of ``task`` at ``length`` (raised to its minimum)."""
     length = max(length, min_length(task))
-    return [generate(task, length, EVAL_SEED + i) for i in range(n)]
+    return [generate(task, length, seed + i) for i in range(n)]
 
 
 def _cache_stats(cache, rows: int) -> dict:
@@ -100,23 +117,28 @@ def _cache_stats(cache, rows: int) -> dict:
 
 @torch.no_grad()
 def run_task(model, tokenizer, samples, make_cache, batch_size: int, progress=None) -> dict:
-    """Greedy generation on ``samples`` with a fresh cache per batch; accuracy and cache stats."""
-    hits, totals = 0.0, {}
-    new = max(len(tokenizer(s.target, add_special_tokens=False).input_ids) for s in samples) + _EXTRA_TOKENS
+    """Greedy generation on ``samples`` with a fresh cache per batch: accuracy, per-sample
+    scores (in the order of ``samples``) and cache stats. Batches group samples of similar gold
+    length, and each decodes only as far as its own longest gold answer plus the margin."""
+    gold = [len(tokenizer(s.target, add_special_tokens=False).input_ids) for s in samples]
+    order = sorted(range(len(samples)), key=lambda i: gold[i])
+    scores, totals = [0.0] * len(samples), {}
     for a in range(0, len(samples), batch_size):
-        batch = samples[a:a + batch_size]
+        idx = order[a:a + batch_size]
+        batch = [samples[i] for i in idx]
         enc = tokenizer([s.prompt for s in batch], return_tensors="pt", padding=True)
         cache = make_cache()
-        out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=new, do_sample=False,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=max(gold[i] for i in idx) + _EXTRA_TOKENS,
+                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        hits += sum(score(s.task, t, s) for t, s in zip(texts, batch))
+        for i, t, s in zip(idx, texts, batch):
+            scores[i] = score(s.task, t, s)
         for key, value in _cache_stats(cache, len(batch)).items():
             totals[key] = totals.get(key, 0.0) + value * len(batch)
         if progress is not None:
             progress.update(len(batch))
     n = len(samples)
-    return dict(accuracy=hits / n, **{k: v / n for k, v in totals.items()})
+    return dict(accuracy=sum(scores) / n, scores=scores, **{k: v / n for k, v in totals.items()})
 
 
 def load_base(path: str):
@@ -164,7 +186,7 @@ def evaluate(base: str, dms_models: dict[float, str], config: EvalConfig, progre
         raise ValueError(f"baselines {baselines} need compression ratios: give DMS models or ratios")
     tokenizer = load_tokenizer(base)
     model = load_base(base)
-    data = {t: task_samples(t, config.length, config.samples) for t in config.tasks}
+    data = {t: task_samples(t, config.length, config.samples, config.seed) for t in config.tasks}
     prompt_tokens = {t: len(tokenizer(data[t][0].prompt).input_ids) for t in config.tasks}
     runs = ("vanilla" in config.methods) + sum(("dms" in config.methods and r in dms_models) + len(baselines)
                                                for r in ratios)

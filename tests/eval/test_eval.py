@@ -10,6 +10,7 @@ from conftest import TINY_WINDOWS, tiny_model_dir
 
 import dms
 from dms.cli import main
+from dms.eval.runner import EVAL_SEED
 
 # Windows of the tiny "DMS" models: they evict every token leaving the window, so on ~100-token
 # prompts they keep w + 1 tokens per head, i.e. roughly 4x and 8x.
@@ -43,6 +44,11 @@ def test_eval_writes_table_json_and_png(tmp_path, capsys):
                 assert b["kv_bytes"] == pytest.approx(d["kv_bytes"])
         assert rows[("dms@8x", task)]["compression"] > rows[("dms@4x", task)]["compression"] > 3
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in doc["rows"])
+    for r in doc["rows"]:  # per-sample scores in seed order, and the 95% interval around their mean
+        assert len(r["scores"]) == 3 and r["accuracy"] == pytest.approx(sum(r["scores"]) / 3)
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"] and r["ci_high"] - r["ci_low"] > 0.2
+    assert all(s["ci_low"] <= s["accuracy"] <= s["ci_high"] for s in doc["summary"])
+    assert doc["meta"]["seed"] == EVAL_SEED and "95% CI" in printed
     png = (out / "accuracy_vs_compression.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
