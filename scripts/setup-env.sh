@@ -4,7 +4,8 @@
 # Source it: `. scripts/setup-env.sh`; it leaves the environment activated.
 # A repeat run skips what has not changed: the requirements are reinstalled only when
 # requirements-test.txt changed, the extension rebuilt only when its sources, build files, build
-# variables or requirements changed, or when `import dms` fails. Stamps live in the venv.
+# variables or requirements changed, or when the built library is missing or was replaced.
+# Stamps live in the venv.
 set -euo pipefail
 DMS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 DMS_VENV="${DMS_VENV:-$DMS_ROOT/.venv}"
@@ -40,12 +41,16 @@ build_hash="$(
     echo "$req_hash $DMS_ROOT ${DMS_BUILD_CUDA-} ${TORCH_CUDA_ARCH_LIST-} ${CUDA_HOME-}"
   } | sha256sum | cut -d' ' -f1
 )"
-# Imported from outside the tree, dms must come from this tree's editable install.
-dms_imports() {
-  (cd / && python -c "import dms, os, sys; sys.exit(not dms.__file__.startswith(os.path.join(sys.argv[1], '')))" \
-    "$DMS_ROOT") > /dev/null 2>&1
+# The extension as built: which file, its size and modification time (a rebuild by hand changes
+# them). Empty unless the venv finds dms in this tree (its editable install) and the library is
+# there. Found without importing dms, which would cost a torch import.
+built_library() {
+  local pkg
+  pkg="$(cd / && python -c "import importlib.util as u; s = u.find_spec('dms'); print(s.submodule_search_locations[0] if s else '')")"
+  [ "$pkg" = "$DMS_ROOT/dms" ] || return 0
+  find "$pkg" -maxdepth 1 -name '_C*.so' -printf '%f %s %T@\n' | sort
 }
-if stamp_matches build "$build_hash" && dms_imports; then
+if [ -n "$(built_library)" ] && stamp_matches build "$build_hash $(built_library)"; then
   echo "setup-env: extension up to date (sources unchanged since the last build; log: build-extension.log)"
 else
   rm -f "$STAMPS/build"
@@ -54,5 +59,5 @@ else
   python -m pip install --no-build-isolation --no-deps -v -e "$DMS_ROOT" > "$DMS_ROOT/build-extension.log" 2>&1 \
     || { tail -n 60 "$DMS_ROOT/build-extension.log"; echo "setup-env: building the extension failed (log: build-extension.log)"; exit 1; }
   python "$DMS_ROOT/scripts/check_build.py" "$DMS_ROOT"
-  echo "$build_hash" > "$STAMPS/build"
+  echo "$build_hash $(built_library)" > "$STAMPS/build"
 fi
