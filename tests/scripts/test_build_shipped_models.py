@@ -108,3 +108,22 @@ def test_retrofits_are_two_phases_on_the_final_base(issued):
         assert cmd[1] == "retrofit" and cmd[2].endswith("v2f/final")
     phase2 = [c for c in retrofits if "--resume-from" in c]
     assert len(phase2) == 2 and all(c[c.index("--compression-ema") + 1] == "0.9" for c in phase2)
+
+
+def _retrofit_means(ratio: int, first: int, last: int) -> tuple[float, float]:
+    with gzip.open(LOGS / f"dms-{ratio}x_retrofit_log.jsonl.gz", "rt") as f:
+        by_step = {r["step"]: r for r in map(json.loads, f)}
+    rows = [by_step[s] for s in range(first, last + 1)]
+    return sum(r["kl"] for r in rows) / len(rows), sum(r["achieved_cr"] for r in rows) / len(rows)
+
+
+def test_documented_retrofit_figures_are_the_shipped_logs():
+    card = (ROOT / "dms" / "assets" / "README.md").read_text()
+    for ratio in (4, 8):
+        kl, cr = _retrofit_means(ratio, 1301, 1400)
+        assert f"| dms-{ratio}x | {kl:.3f} / {cr:.2f}x |" in card
+    guide = (ROOT / "docs" / "retrofit.md").read_text()
+    for first, last in ((601, 700), (701, 800), (1001, 1100), (1301, 1400)):
+        cells = " | ".join("{:.3f} / {:.2f}x".format(*_retrofit_means(r, first, last)) for r in (4, 8))
+        assert any(line.startswith(f"| {first:,}-{last:,}") and line.endswith(f"| {cells} |")
+                   for line in guide.splitlines()), (first, last, cells)
