@@ -44,9 +44,9 @@ def test_visibility_mask_matches_reference(device, S, T, window, p, pads, seed):
        pads=st.sampled_from(["none", "left", "inside"]), seed=st.integers(0, 2**16))
 def test_chunk_after_a_cached_prefix_matches_reference(device, S, T, cut, window, p, pads, seed):
     """The chunk t >= a of a row whose first a positions are already cached: its tokens are
-    numbered from ``start`` (the valid tokens seen so far), and query q sees key k of the chunk
-    iff idx[k] <= idx[q] <= last_visible_query[k]; that must be the reference's [a:, a:] block.
-    (The chunk's last token has no flag yet, exactly as the end of the whole row.)"""
+    numbered from ``start`` (the valid tokens seen so far) and the production rule (``visible``
+    over ``last_visible_query``, as the prefill uses them) must give the reference's [a:, a:]
+    block. (The chunk's last token has no flag yet, exactly as the end of the whole row.)"""
     decisions, valid = _inputs(S, T, p, pads, seed)
     want = ref.visibility_mask(decisions, window, valid)
     ok = torch.ones(S, T, dtype=torch.bool) if valid is None else valid
@@ -55,5 +55,5 @@ def test_chunk_after_a_cached_prefix_matches_reference(device, S, T, cut, window
     d, v = decisions[:, a:].to(device), ok[:, a:].to(device)
     idx = masks.valid_index(v, start)
     last = masks.last_visible_query(d, v, window, start)
-    got = (idx[:, None, :] <= idx[:, :, None]) & (idx[:, :, None] <= last[:, None, :]) & v[:, :, None]
+    got = masks.visible(idx[:, None, :], last[:, None, :], idx[:, :, None]) & v[:, :, None]
     assert torch.equal(got.cpu(), want[:, a:, a:])
