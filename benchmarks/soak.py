@@ -39,7 +39,7 @@ def evicting_model(window: int, steps: int):
 
 
 def pool_pages(cache) -> int:
-    return sum(layer.k_pages.shape[0] for layer in cache.layers if layer.is_initialized)
+    return sum(layer.store.num_pages for layer in cache.layers if layer.is_initialized)
 
 
 def run(args) -> int:
