@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 import textwrap
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
@@ -13,6 +15,16 @@ import dms
 assert os.path.realpath(dms.__file__).startswith(os.path.realpath(sys.prefix)), (
     f"dms imported from {dms.__file__}, not from the wheel installed in {sys.prefix}")
 assert "transformers" not in sys.modules, "import dms must not pull in transformers"
+# Packaging: one version (dms.__version__ read by pyproject.toml), the licenses, the shipped models.
+dist = metadata.distribution("dms-kv")
+assert dist.version == dms.__version__, (dist.version, dms.__version__)
+licenses = {Path(str(f)).name for f in dist.files if "licenses" in str(f)}
+assert {"LICENSE", "NOTICE"} <= licenses, licenses
+assert not any(r.startswith("matplotlib") and "extra ==" not in r for r in dist.requires or []), \
+    "matplotlib must stay an extra"
+for model in ("base", "dms-4x", "dms-8x"):
+    assert (Path(dms.__file__).parent / "assets" / model / "model.safetensors").is_file(), model
+print(f"check_wheel: dms-kv {dist.version}, licenses {sorted(licenses)}, shipped models present")
 x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
 keep = torch.tensor([[1, 0, 1, 1, 0], [0, 0, 0, 0, 1]], dtype=torch.bool)
 packed, cu_seqlens, max_seqlen = torch.ops.dms.compact(x, keep)
