@@ -287,8 +287,8 @@ class DMSLayer(CacheLayerMixin):
         A decode step appends its token, then attends the paged store; a prefill chunk attends
         the cached slots and itself (``prefill_chunk`` queries at a time), then is appended."""
         if q.shape[2] == 1 and self.is_initialized:
-            self.append(k, v, decisions, valid)
-            return self.decode_attention(q[:, :, 0], scale)[:, :, None]
+            self.append(k, v, decisions, valid)  # refuses an unusable layer
+            return self.store.decode_attention(q[:, :, 0], scale)[:, :, None]
         view = self.prefill_view() if self.is_initialized else None
         ok = valid if valid is not None else torch.ones_like(decisions)
         out = prefill_attention(q, k, v, decisions, ok, view, self.window, scale, prefill_chunk)

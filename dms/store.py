@@ -111,8 +111,9 @@ class PagedStore:
                valid: torch.Tensor | None = None, *, op=None) -> None:
         """``dms.append`` (or ``op`` with the same schema, e.g. dms.reference.append): k, v
         [S, T, D], decisions/valid bool [S, T]. All or nothing: a refused chunk writes nothing."""
-        (op or ops.append)(*self.tensors(), k.contiguous(), v.contiguous(), decisions.contiguous(),
-                           None if valid is None else valid.contiguous())
+        (op or ops.append)(self.k_pages, self.v_pages, self.block_table, self.seq_lens, self.num_seen,
+                           self.ring_slots, self.ring_flags, self.free_pages, self.free_top, k.contiguous(),
+                           v.contiguous(), decisions.contiguous(), None if valid is None else valid.contiguous())
 
     def decode_attention(self, q: torch.Tensor, scale: float) -> torch.Tensor:
         """q [S, G, D] attends every live slot of its sequence -> [S, G, D]. On CUDA with
