@@ -10,8 +10,9 @@ state, whose output head is gathered once per step for the KL.
 
 The decisions leave each layer as a side output (dms.models.last_decisions), not through the
 layer's output, and FSDP unshards a layer for backward when the gradient of its *output*
-arrives. ``_TieSideOutputs`` routes each layer's decisions through its output so that their
-gradient cannot reach the layer before it is unsharded.
+arrives. Autograd's order (newest node first) happens to deliver that gradient before the
+decisions' (the same trajectory with or without the tie, 2026-12-01), but nothing promises it:
+``_TieSideOutputs`` makes it a dependency, routing each layer's decisions through its output.
 """
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ def shard_teacher(teacher: nn.Module, mesh, device: torch.device):
     tied = teacher.lm_head.weight is teacher.model.embed_tokens.weight
     for layer in teacher.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(teacher.model, mesh=mesh, mp_policy=policy)
+    # Explicit: a root keeps its weights gathered after forward until backward, which a teacher
+    # never runs, so its embeddings would stay replicated.
+    fully_shard(teacher.model, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
     if tied:
         head = teacher.model.embed_tokens.weight
     else:
