@@ -29,6 +29,10 @@ EXPECTED_NAMES = {"DMSCacheFullError"}
 # Parsed arguments that name a model: a local folder or a hub id.
 MODEL_ARGS = ("model", "base")
 EXIT_ERROR = 2
+DESCRIPTION = """Dynamic Memory Sparsification: learned, delayed KV-cache eviction.
+`dms COMMAND --help` describes each command. An expected error (bad input, a missing folder, a
+checkpoint that is not a DMS one, a full page pool) ends a command with one line on stderr and
+exit status 2; --debug or DMS_DEBUG=1 shows its traceback."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -76,7 +80,7 @@ def _one_line(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(prog="dms", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="dms", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     debug_help = "show the full traceback of an error (also: DMS_DEBUG=1)"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
