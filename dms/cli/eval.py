@@ -10,7 +10,6 @@ dms.eval.runner.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -81,9 +80,5 @@ def execute(base: str, dms_models: dict[float, str], args, ratios=(), title: str
 
 
 def run(args) -> int:
-    try:
-        execute(args.base, dict(args.dms), args, args.ratios)
-    except ValueError as e:
-        print(f"dms eval: {e}", file=sys.stderr)
-        return 2
+    execute(args.base, dict(args.dms), args, args.ratios)  # errors: reported by dms.cli.main
     return 0

@@ -143,3 +143,8 @@ def test_library_does_not_import_matplotlib():
     code = "import sys, dms.models, dms.eval, dms.train, dms.cli; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out == "False\n"
+
+
+def test_eval_value_error_goes_through_the_same_report(tmp_path, capsys):
+    assert main(["eval", str(ASSETS / "base"), "--methods", "vanilla", "--samples", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "dms eval: error: samples must be >= 1, got 0\n"
