@@ -43,7 +43,7 @@ def run(args) -> int:
 
     for name in ("max_new_tokens", "page_size", "prefill_chunk"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)

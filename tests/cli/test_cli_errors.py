@@ -148,3 +148,8 @@ def test_library_does_not_import_matplotlib():
 def test_eval_value_error_goes_through_the_same_report(tmp_path, capsys):
     assert main(["eval", str(ASSETS / "base"), "--methods", "vanilla", "--samples", "0", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "dms eval: error: samples must be >= 1, got 0\n"
+
+
+def test_generate_argument_range(capsys):
+    assert main(["generate", str(ASSETS / "dms-8x"), "--prompt", "hi", "--page-size", "0"]) == 2
+    assert capsys.readouterr().err == "dms generate: error: --page-size must be >= 1, got 0\n"
