@@ -1,5 +1,6 @@
-"""Shared fixtures and helpers: tiny DMS models of the four architectures with evictions forced
-often, the dense oracle (a model forward without cache whose visibility mask comes from
+"""Shared fixtures and helpers: the device an op or model test runs on (CPU, plus CUDA when
+available; modules named *_cuda.py are collected only there), tiny DMS models of the four
+architectures with evictions forced often, the dense oracle (a model forward without cache whose visibility mask comes from
 dms.reference.visibility_mask), an empty paged store, and a folder of tiny models laid out like
 dms/assets."""
 from __future__ import annotations
