@@ -25,14 +25,15 @@ defines it. Each row carries its per-sample scores and a 95% interval (dms.eval.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
 from dms.baselines import POLICIES, PolicyCache
 from dms.cache import DMSCache
 from dms.compat import cache_kwargs
+from dms.eval.shared import generate_shared
 from dms.eval.stats import wilson
 from dms.tasks import TASKS, generate, min_length, score
 
@@ -115,30 +116,41 @@ def _cache_stats(cache, rows: int) -> dict:
     return dict(compression=1.0, kv_bytes=held, kv_pool_bytes=held, retained_per_head=float(keys[0].shape[2]))
 
 
-@torch.no_grad()
 def run_task(model, tokenizer, samples, make_cache, batch_size: int, progress=None) -> dict:
     """Greedy generation on ``samples`` with a fresh cache per batch: accuracy, per-sample
-    scores (in the order of ``samples``) and cache stats. Batches group samples of similar gold
-    length, and each decodes only as far as its own longest gold answer plus the margin."""
+    scores (in the order of ``samples``) and cache stats."""
+    return run_group(model, tokenizer, samples, {"run": make_cache}, batch_size, progress)["run"]
+
+
+@torch.no_grad()
+def run_group(model, tokenizer, samples, makers: dict, batch_size: int, progress=None) -> dict:
+    """``run_task`` for several caches of one model (``makers``: name -> cache factory) that
+    share each batch's prompt forward (dms.eval.shared); name -> result, with ``seconds``.
+    Batches group samples of similar gold length, and each decodes only as far as its own
+    longest gold answer plus the margin."""
     gold = [len(tokenizer(s.target, add_special_tokens=False).input_ids) for s in samples]
     order = sorted(range(len(samples)), key=lambda i: gold[i])
-    scores, totals = [0.0] * len(samples), {}
+    scores = {name: [0.0] * len(samples) for name in makers}
+    totals = {name: {} for name in makers}
+    seconds = dict.fromkeys(makers, 0.0)
     for a in range(0, len(samples), batch_size):
         idx = order[a:a + batch_size]
         batch = [samples[i] for i in idx]
         enc = tokenizer([s.prompt for s in batch], return_tensors="pt", padding=True)
-        cache = make_cache()
-        out = model.generate(**enc, **cache_kwargs(cache), max_new_tokens=max(gold[i] for i in idx) + _EXTRA_TOKENS,
-                             do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-        for i, t, s in zip(idx, texts, batch):
-            scores[i] = score(s.task, t, s)
-        for key, value in _cache_stats(cache, len(batch)).items():
-            totals[key] = totals.get(key, 0.0) + value * len(batch)
+        caches = {name: make() for name, make in makers.items()}
+        outs = generate_shared(model, enc, list(caches.values()), max(gold[i] for i in idx) + _EXTRA_TOKENS,
+                               tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for (name, cache), (new, secs) in zip(caches.items(), outs):
+            for i, t, s in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), batch):
+                scores[name][i] = score(s.task, t, s)
+            for key, value in _cache_stats(cache, len(batch)).items():
+                totals[name][key] = totals[name].get(key, 0.0) + value * len(batch)
+            seconds[name] += secs
         if progress is not None:
-            progress.update(len(batch))
+            progress.update(len(batch) * len(makers))
     n = len(samples)
-    return dict(accuracy=sum(scores) / n, scores=scores, **{k: v / n for k, v in totals.items()})
+    return {name: dict(accuracy=sum(scores[name]) / n, scores=scores[name], seconds=seconds[name],
+                       **{k: v / n for k, v in totals[name].items()}) for name in makers}
 
 
 def load_base(path: str):
@@ -191,34 +203,35 @@ def evaluate(base: str, dms_models: dict[float, str], config: EvalConfig, progre
     runs = ("vanilla" in config.methods) + sum(("dms" in config.methods and r in dms_models) + len(baselines)
                                                for r in ratios)
     bar = tqdm(total=runs * len(config.tasks) * config.samples, desc="dms eval", unit="sample", disable=not progress)
-    rows: list[Row] = []
+    found: dict[tuple, Row] = {}
 
-    def run(method, ratio, task, runner, make_cache, budget=None) -> Row:
-        bar.set_postfix_str(f"{method}{'' if ratio is None else f'@{ratio:g}x'} {task}")
-        t0 = time.perf_counter()
-        res = run_task(runner, tokenizer, data[task], make_cache, config.batch_size, bar)
-        row = Row(method, ratio, task, samples=len(data[task]), budget=budget,
-                  seconds=time.perf_counter() - t0, **res)
-        rows.append(row)
-        return row
+    def record(method, ratio, task, res: dict, budget=None) -> None:
+        found[method, ratio, task] = Row(method, ratio, task, samples=len(data[task]), budget=budget, **res)
 
-    if "vanilla" in config.methods:
-        for task in config.tasks:
-            run("vanilla", None, task, model, lambda: DynamicCache(config=model.config))
-    for ratio in ratios:
-        dms_rows: dict[str, Row] = {}
-        if "dms" in config.methods and ratio in dms_models:
+    if "dms" in config.methods:  # first: the baselines' budgets follow what DMS retained
+        for ratio in [r for r in ratios if r in dms_models]:
             dms_model = dms.from_pretrained(dms_models[ratio], dtype=torch.float32)
             for task in config.tasks:
-                dms_rows[task] = run("dms", ratio, task, dms_model,
-                                     lambda: DMSCache(dms_model, page_size=config.page_size))
+                bar.set_postfix_str(f"dms@{ratio:g}x {task}")
+                record("dms", ratio, task, run_task(dms_model, tokenizer, data[task],
+                                                    lambda: DMSCache(dms_model, page_size=config.page_size),
+                                                    config.batch_size, bar))
             del dms_model
-        for policy in baselines:
-            for task in config.tasks:
-                b = _budget(dms_rows.get(task), prompt_tokens[task], ratio)
-                sinks = min(4, b - 1)
+    for task in config.tasks:  # the plain model's methods share each prompt forward
+        makers, budgets = {}, {}
+        if "vanilla" in config.methods:
+            makers["vanilla", None] = lambda: DynamicCache(config=model.config)
+        for ratio in ratios:
+            b = _budget(found.get(("dms", ratio, task)), prompt_tokens[task], ratio)
+            for policy in baselines:
                 ps = max(1, min(config.page_size, b // 4)) if policy == "quest" else config.page_size
-                run(policy, ratio, task, model,
-                    lambda: PolicyCache(model, policy, b, page_size=ps, sinks=sinks), budget=b)
+                makers[policy, ratio] = partial(PolicyCache, model, policy, b, page_size=ps, sinks=min(4, b - 1))
+                budgets[policy, ratio] = b
+        if makers:
+            bar.set_postfix_str(f"vanilla and baselines {task}")
+            for key, res in run_group(model, tokenizer, data[task], makers, config.batch_size, bar).items():
+                record(*key, task, res, budget=budgets.get(key))
+    methods = [("vanilla", None)] + [(m, r) for r in ratios for m in ("dms",) + POLICIES]
+    rows = [found[m, r, t] for m, r in methods for t in config.tasks if (m, r, t) in found]
     bar.close()
     return rows
