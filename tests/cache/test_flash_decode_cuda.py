@@ -10,6 +10,8 @@ from conftest import forced_dms_model, left_padded, new_store, on
 from dms import reference as ref
 from dms.compat import cache_kwargs
 
+if not torch.cuda.is_available():  # only reached when this file is named on the command line
+    pytest.skip("needs a CUDA device", allow_module_level=True)
 CUDA = torch.device("cuda")
 PAGE = 256  # flash_attn's paged kernel needs pages of a multiple of 256 tokens
 

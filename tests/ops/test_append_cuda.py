@@ -1,5 +1,6 @@
 """The CUDA append kernel against dms/reference.py (collected only where CUDA is available; the
 other four ops run on CUDA through the device parameter of test_ops.py)."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,6 +10,8 @@ from conftest import new_store
 from dms import reference as ref
 from dms.store import FIELDS
 
+if not torch.cuda.is_available():  # only reached when this file is named on the command line
+    pytest.skip("needs a CUDA device", allow_module_level=True)
 CUDA = torch.device("cuda")
 BOUNDED = settings(max_examples=40, deadline=None, derandomize=True)
 

@@ -5,6 +5,8 @@ import torch
 
 from dms.attention.training import train_attention
 
+if not torch.cuda.is_available():  # only reached when this file is named on the command line
+    pytest.skip("needs a CUDA device", allow_module_level=True)
 CUDA = torch.device("cuda")
 
 
