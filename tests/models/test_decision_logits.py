@@ -44,12 +44,12 @@ def project(attn, x, name):
 
 def expected_logits(model, layer_idx, captured):
     """[B, H_kv, T] from the weights and the layer's captured inputs."""
-    cfg = c = model.config
+    c = model.config
     attn = model.model.layers[layer_idx].self_attn
     n_kv = c.num_key_value_heads
     group = c.num_attention_heads // n_kv
-    per_layer = cfg.dms_alpha_per == "layer"
-    if cfg.dms_separate_alpha:
+    per_layer = c.dms_alpha_per == "layer"
+    if c.dms_separate_alpha:
         ad = attn.dms_adapter
         raw = F.linear(rms_norm(captured["residual"], ad.norm.weight, c.rms_norm_eps), ad.proj.weight, ad.proj.bias)
         raw = raw.transpose(1, 2)  # [B, 1 or H_kv, T]
@@ -57,7 +57,7 @@ def expected_logits(model, layer_idx, captured):
         q = project(attn, captured["attn_in"], "q")
         heads = [0] if per_layer else [h * group for h in range(n_kv)]
         raw = q[:, heads, :, -1]
-    return (raw * cfg.dms_alpha_scale - cfg.dms_initial_alpha_offset).expand(-1, n_kv, -1)
+    return (raw * c.dms_alpha_scale - c.dms_initial_alpha_offset).expand(-1, n_kv, -1)
 
 
 def capture(model):
@@ -121,25 +121,25 @@ def test_logits_match_the_formula(arch, variant, alpha_per, device):
 def expected_attention(model, layer_idx, captured, mask, zero_before=True, zero_after=True):
     """The layer's attention output (cache-free inference) from the weights: q/k/v, the borrowed
     dim zeroed, RoPE, the reference visibility of 1[logit > 0], softmax, o_proj."""
-    cfg = c = model.config
+    c = model.config
     attn = model.model.layers[layer_idx].self_attn
     x = captured["attn_in"]
     B, T, _ = x.shape
     n_kv, D = c.num_key_value_heads, attn.head_dim
     group = c.num_attention_heads // n_kv
     q, k, v = (project(attn, x, n) for n in "qkv")
-    heads = [0] if cfg.dms_alpha_per == "layer" else [h * group for h in range(n_kv)]
+    heads = [0] if c.dms_alpha_per == "layer" else [h * group for h in range(n_kv)]
     zero = torch.ones(c.num_attention_heads, D, device=x.device)
     zero[heads, -1] = 0
-    if not cfg.dms_separate_alpha and zero_before:
+    if not c.dms_separate_alpha and zero_before:
         q = q * zero[None, :, None]
     cos, sin = captured["cos_sin"]
     q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    if not cfg.dms_separate_alpha and zero_after:
+    if not c.dms_separate_alpha and zero_after:
         q = q * zero[None, :, None]
     decisions = expected_logits(model, layer_idx, captured) > 0
     valid = mask.bool()[:, None, :].expand(B, n_kv, T).reshape(-1, T)
-    allowed = ref.visibility_mask(decisions.reshape(-1, T).cpu(), cfg.dms_window_size, valid.cpu())
+    allowed = ref.visibility_mask(decisions.reshape(-1, T).cpu(), c.dms_window_size, valid.cpu())
     allowed = allowed.view(B, n_kv, T, T).repeat_interleave(group, 1).to(x.device)
     k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     scores = (q @ k.transpose(-1, -2) * D ** -0.5).masked_fill(~allowed, float("-inf"))
