@@ -28,8 +28,8 @@ EOF
 
 echo "== op and model tests on CUDA"
 status=0
-python -m pytest tests/ops tests/models tests/cache/test_flash_decode_cuda.py tests/train/test_flex_attention_cuda.py \
-  -k cuda -q "$@" || status=$?
+python -m pytest tests/ops tests/models tests/cache/test_cache_visibility.py tests/cache/test_flash_decode_cuda.py \
+  tests/train/test_flex_attention_cuda.py -k cuda -q "$@" || status=$?
 # pytest exits 5 when it selected nothing: on a GPU machine that means the CUDA cases vanished.
 if [ "$status" -eq 5 ]; then echo "gpu_check.sh: no CUDA test case was selected"; exit 1; fi
 [ "$status" -eq 0 ] || exit "$status"
