@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("dms.cli.eval", "evaluate methods and budgets on the synthetic tasks"),
     "bench": ("dms.cli.bench", "decode speed and KV memory, DMS vs dense cache"),
     "demo": ("dms.cli.demo", "the main job: evaluate the shipped models offline"),
+    "retention": ("dms.cli.retention", "heat map of the tokens each head of a DMS model kept, for one sample"),
 }
 
 # Errors that mean "the input is wrong or unsupported", not "dms has a bug" (DMSConfigError and
