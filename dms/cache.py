@@ -341,11 +341,16 @@ class DMSLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache cannot be cropped (evicted tokens are gone), so assisted decoding "
                                   "is not supported")
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("DMSCache cannot repeat batch rows of a filled cache (contrastive search)")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("DMSCache cannot select batch rows of a filled cache")
+    def take(self, seqs: torch.Tensor) -> None:
+        """Keep copies of sequences ``seqs`` (in that order, repeats allowed; see
+        PagedStore.take): the forked sequences continue exactly as their sources would."""
+        if self.unusable:
+            raise RuntimeError(self.unusable)
+        if not self.is_initialized:
+            return
+        self.store = self.store.take(seqs)
+        self.num_seqs = self.store.num_seqs
+        self._read_lens()
 
     def stats(self) -> dict:
         if not self.is_initialized:
@@ -394,9 +399,62 @@ class DMSCache(AttentionCache):
 
     def attend(self, layer_idx, q, k, v, decisions, padding, scale):
         B, Hq, T, D = q.shape
+        self.kv_heads = k.shape[1]
         qs, ks, vs, ds, valid = sequences(q, k, v, decisions, padding)
         out = self.layers[layer_idx].attend(qs, ks, vs, ds, valid, scale, self.prefill_chunk)
         return out.reshape(B, Hq, T, D)
+
+    # -- forking (sampling several chains from one prefill) ------------------------------------
+    def fork(self, chains: int) -> "DMSCache":
+        """Each batch row becomes ``chains`` consecutive rows (row b -> rows b*chains ..
+        b*chains + chains - 1), each an independent copy of b's cache, as
+        ``input_ids.repeat_interleave(chains, 0)`` lays out the prompts. In place; returns self.
+
+        The prompt's pages are copied per chain, not shared: a write can land in any live page
+        (a flagged token leaving the window hands its slot to the newest token), so sharing
+        would need copy-on-write in the append op."""
+        if not _is_int(chains) or chains < 1:
+            raise ValueError(f"chains must be an int >= 1, got {chains!r}")
+        rows = torch.arange(self._batch_size(), device=self._device()).repeat_interleave(chains)
+        return self.select(rows)
+
+    def select(self, indices) -> "DMSCache":
+        """Keep batch rows ``indices`` (a 1D integer tensor or list, in that order; a row may
+        appear several times, each copy then continues on its own). In place; returns self."""
+        B = self._batch_size()
+        idx = torch.as_tensor(indices, device=self._device())
+        if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices must be a 1D sequence of ints (batch rows), got {indices!r}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
+            raise ValueError(f"indices must be batch rows in [0, {B}), got {idx.tolist()}")
+        if B:
+            H = self.kv_heads
+            seqs = (idx.long()[:, None] * H + torch.arange(H, device=idx.device)).reshape(-1)
+            for layer in self.layers:
+                layer.take(seqs)
+        return self
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """transformers' name for ``fork``."""
+        self.fork(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """transformers' name for ``select``."""
+        self.select(indices)
+
+    def _batch_size(self) -> int:
+        """Batch rows held (0 before the first forward)."""
+        first = self.layers[0]
+        if not first.is_initialized:
+            return 0
+        for layer in self.layers:
+            if layer.unusable:
+                raise RuntimeError(layer.unusable)
+        return first.num_seqs // self.kv_heads
+
+    def _device(self):
+        first = self.layers[0]
+        return first.device if first.is_initialized else None
 
     def _check_layers_agree(self) -> None:
         """After a refused append: a model forward feeds the layers one after the other, so if a

@@ -157,6 +157,28 @@ class PagedStore:
         index = index.masked_fill(index < 0, -1)
         return self.ring_slots.long(), index, self.ring_flags & (index >= 0)
 
+    def take(self, seqs: torch.Tensor) -> "PagedStore":
+        """A new store whose sequence ``i`` is a copy of sequence ``seqs[i]`` of this one (a
+        sequence may be taken several times: forking). Every copy gets its own pages, so later
+        appends to one never reach another; the ring, lengths and slot order are copied, so each
+        copy attends and evicts exactly like its source. The pool holds just the copied pages,
+        none free (the owner grows it as it appends)."""
+        if not isinstance(seqs, torch.Tensor) or seqs.dim() != 1 or seqs.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"seqs must be a 1D integer tensor, got {seqs!r}")
+        seqs = seqs.to(device=self.block_table.device, dtype=torch.long)
+        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= self.num_seqs):
+            raise ValueError(f"seqs must lie in [0, {self.num_seqs}), got {seqs.tolist()}")
+        table = self.block_table[seqs]
+        mapped = table >= 0
+        old_ids = table[mapped].long()  # row-major: each copy's pages in its table order
+        new_table = torch.full_like(table, -1)
+        new_table[mapped] = torch.arange(old_ids.numel(), dtype=torch.int32, device=table.device)
+        return PagedStore(
+            k_pages=self.k_pages[old_ids], v_pages=self.v_pages[old_ids], block_table=new_table,
+            seq_lens=self.seq_lens[seqs], num_seen=self.num_seen[seqs], ring_slots=self.ring_slots[seqs],
+            ring_flags=self.ring_flags[seqs], free_pages=torch.zeros_like(old_ids, dtype=torch.int32),
+            free_top=torch.zeros_like(self.free_top))
+
     # -- growth --------------------------------------------------------------------------------
     def grow_table(self, width: int) -> None:
         """Room for ``width`` pages per sequence (never shrinks)."""

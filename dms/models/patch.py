@@ -99,11 +99,47 @@ def dms_model_class(base: type) -> type:
                 model_kwargs[CACHE_ARG] = DMSCache(self)
             return base._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
 
+        def generate(self, inputs=None, generation_config=None, **kwargs):
+            chains = _chains_from_one_prefill(self, inputs, generation_config, kwargs)
+            if chains is None:
+                return base.generate(self, inputs, generation_config, **kwargs)
+            ids, mask, cache = chains
+            kwargs.update(num_return_sequences=1, attention_mask=mask, **{CACHE_ARG: cache})
+            return base.generate(self, ids, generation_config, **kwargs)
+
         _MODEL_CLASSES[base] = type(base.__name__, (base,), {
             "__init__": __init__, "forward": forward, "_dms_base": base, "__module__": base.__module__,
             "_prepare_cache_for_generation": _prepare_cache_for_generation, "__doc__": base.__doc__,
+            "generate": generate,
         })
     return _MODEL_CLASSES[base]
+
+
+def _chains_from_one_prefill(model, inputs, generation_config, kwargs):
+    """``generate(num_return_sequences=W)`` without beams in infer mode: the prompts (all but
+    their last token) are prefilled once and the DMSCache forked into W chains, instead of
+    transformers prefilling each prompt W times. Returns (input_ids, attention_mask, cache)
+    repeated W times for generate to continue (it feeds the last prompt token), or None when
+    generate should run as usual (a cache given, beams, embeddings, a one-token prompt)."""
+    config = generation_config if generation_config is not None else model.generation_config
+    chains = kwargs.get("num_return_sequences") or config.num_return_sequences or 1
+    beams = kwargs.get("num_beams") or config.num_beams or 1
+    ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if (chains == 1 or beams > 1 or model._dms_runtime.mode != "infer" or not isinstance(ids, torch.Tensor)
+            or ids.dim() != 2 or ids.shape[1] < 2 or kwargs.get(CACHE_ARG) is not None
+            or kwargs.get("past_key_values") is not None or kwargs.get("inputs_embeds") is not None
+            or kwargs.get("use_cache", config.use_cache) is False):
+        return None
+    kwargs.pop("input_ids", None)
+    mask = kwargs.pop("attention_mask", None)
+    mask = torch.ones_like(ids) if mask is None else mask
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)  # as generate numbers left-padded rows
+    cache = DMSCache(model)
+    with torch.no_grad():
+        model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True,
+              logits_to_keep=1, **{CACHE_ARG: cache})
+    cache.fork(chains)
+    return ids.repeat_interleave(chains, 0), mask.repeat_interleave(chains, 0), cache
 
 
 def _keep_residual(layer, args, kwargs):
