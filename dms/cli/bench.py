@@ -12,6 +12,14 @@ evict every token leaving the window, so the compression stays put.
 
     dms bench              # 4K, 16K, 32K
     dms bench --quick      # tiny contexts, for CI
+
+Batched mode, the paper's throughput claim at equal memory: a fixed KV budget (``--kv-budget-mib``)
+holds the largest batch of 8K-token sequences each cache fits, a StaticCache of exactly the
+context per sequence vs a DMSCache at ~8x (its measured pool + index bytes, slack included,
+after the timed steps); both decode the same number of steps and report tokens/s (batch x
+steps / seconds), batch size and bytes.
+
+    dms bench --batched --kv-budget-mib 1024
 """
 from __future__ import annotations
 
@@ -123,6 +131,91 @@ def _fmt(r: dict) -> str:
             f"KV bytes ratio {r['bytes_ratio']:.2f}x")
 
 
+def _fill_dms(model, batch: int, T: int, window: int, ratio: float, seed: int):
+    """A DMSCache of ``batch`` sequences holding T random tokens, ~T / ratio kept (forced decisions),
+    appended in time chunks so that the random K/V never exist for the whole context at once."""
+    import dms
+
+    cfg = model.config
+    S, D = batch * cfg.num_key_value_heads, cfg.head_dim
+    keep_p = max(0.0, (T / ratio - window - 1) / max(1, T - window - 1))
+    gen = torch.Generator().manual_seed(seed)
+    cache = dms.DMSCache(model)
+    for layer in cache.layers:
+        for a in range(0, T, 512):
+            n = min(512, T - a)
+            layer.append(torch.randn(S, n, D, generator=gen), torch.randn(S, n, D, generator=gen),
+                         torch.rand(S, n, generator=gen) >= keep_p, None)
+    return cache
+
+
+def _fill_static(dense, batch: int, T: int, length: int, seed: int):
+    """A StaticCache of ``length`` positions per sequence, the first T filled with random K/V."""
+    from transformers import StaticCache
+
+    cfg = dense.config
+    gen = torch.Generator().manual_seed(seed)
+    cache = StaticCache(config=cfg, max_cache_len=length)
+    shape = (batch, cfg.num_key_value_heads, 0, cfg.head_dim)
+    for i in range(cfg.num_hidden_layers):
+        for a in range(0, T, 512):
+            n = min(512, T - a)
+            cache.layers[i].update(torch.randn(*shape[:2], n, shape[3], generator=gen),
+                                   torch.randn(*shape[:2], n, shape[3], generator=gen))
+    return cache
+
+
+def measure_batched(context: int, budget: int, steps: int, warmup: int, window: int, ratio: float,
+                    threads: int | None) -> dict:
+    """Largest batch of ``context``-token sequences within ``budget`` bytes of KV for a StaticCache
+    and a DMSCache, and the decode throughput of each (see the module docstring)."""
+    if threads:
+        torch.set_num_threads(threads)
+    dense, model = _models(window)
+    cfg = dense.config
+    T = context - steps - warmup  # the StaticCache holds exactly `context` positions per sequence
+    if T < 2 * window:
+        raise ValueError(f"context={context} is too short for window {window} and {steps + warmup} steps")
+    per_dense = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * context * cfg.head_dim * 4
+    b_dense = budget // per_dense
+    if b_dense < 1:
+        raise ValueError(f"kv budget {budget} bytes holds no {context}-token sequence of a StaticCache "
+                         f"({per_dense} bytes each)")
+
+    def run(runner, cache, batch):
+        tok = torch.full((batch, 1), 5)
+        tok, _ = _steps(runner, cache, tok, warmup)
+        _, secs = _steps(runner, cache, tok, steps)
+        return batch * steps / secs, _kv_bytes(cache)
+
+    # Per-sequence DMS bytes from one sequence, then the largest batch whose bytes (after the
+    # timed steps) fit; the pool's slack shrinks per sequence as the batch grows, so this converges.
+    probe = _fill_dms(model, 1, T, window, ratio, seed=1)
+    _steps(model, probe, torch.full((1, 1), 5), warmup + steps)
+    b_dms = max(1, budget // _kv_bytes(probe))
+    while True:
+        cache = _fill_dms(model, b_dms, T, window, ratio, seed=2)
+        dms_tok_s, dms_bytes = run(model, cache, b_dms)
+        if dms_bytes <= budget or b_dms == 1:
+            break
+        b_dms = max(1, b_dms * budget // dms_bytes)
+        del cache
+        gc.collect()
+    compression = cache.stats()["compression_ratio"]
+    del cache
+    gc.collect()
+    static_tok_s, static_bytes = run(dense, _fill_static(dense, b_dense, T, context, seed=3), b_dense)
+    row = dict(context=context, budget=budget, static_batch=b_dense, static_tok_s=static_tok_s,
+               static_kv_bytes=static_bytes, dms_batch=b_dms, dms_tok_s=dms_tok_s, dms_kv_bytes=dms_bytes,
+               compression=compression, batch_ratio=b_dms / b_dense, throughput_ratio=dms_tok_s / static_tok_s)
+    mib = 2 ** 20
+    print(f"context {context}, KV budget {budget / mib:.0f} MiB: StaticCache batch {b_dense} "
+          f"{static_tok_s:.1f} tok/s {static_bytes / mib:.1f} MiB | DMSCache (CR {compression:.2f}) batch {b_dms} "
+          f"{dms_tok_s:.1f} tok/s {dms_bytes / mib:.1f} MiB | batch {row['batch_ratio']:.2f}x, "
+          f"tokens/s {row['throughput_ratio']:.2f}x", flush=True)
+    return row
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[4096, 16384, 32768])
     p.add_argument("--steps", type=int, default=32, help="timed decode steps per context and cache")
@@ -131,9 +224,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=8.0, help="forced compression ratio of the filled context")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny contexts and few steps (CI smoke run)")
+    p.add_argument("--batched", action="store_true",
+                   help="throughput at equal KV memory: the largest batch each cache fits in --kv-budget-mib")
+    p.add_argument("--context", type=int, default=8192, help="batched mode: tokens per sequence")
+    p.add_argument("--kv-budget-mib", type=float, default=1024.0, help="batched mode: KV bytes allowed (MiB)")
 
 
 def run(args) -> int:
+    if args.batched:
+        if args.quick:
+            args.context, args.kv_budget_mib, args.steps, args.warmup, args.window = 512, 16.0, 4, 1, 32
+        print(f"model {MODEL}, fp32, window {args.window}, forced ~{args.ratio:g}x, "
+              f"threads {args.threads or torch.get_num_threads()}", flush=True)
+        measure_batched(args.context, int(args.kv_budget_mib * 2 ** 20), args.steps, args.warmup, args.window,
+                        args.ratio, args.threads)
+        return 0
     if args.quick:
         args.contexts, args.steps, args.warmup, args.window = [256, 1024], 4, 1, 32
     print(f"model {MODEL}, batch 1, fp32, window {args.window}, forced ~{args.ratio:g}x, "
