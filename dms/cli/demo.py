@@ -1,7 +1,8 @@
 """``dms demo``: the main job. Offline, on the models shipped in dms/assets (or --model-dir):
 evaluates the plain base model, its DMS retrofits at 4x and 8x, and StreamingLLM / H2O / TOVA
-at the same per-head token budgets (dms.eval.runner), prints the table and writes results.json
-and accuracy_vs_compression.png.
+at the same per-head token budgets (dms.eval.runner), prints the table with 95% confidence
+intervals and writes results.json and accuracy_vs_compression.png. The samples have the held-out
+seeds of ``dms eval`` (4 * 10**9 + i, which no training path draws; --seed changes the base).
 
 Model folder layout (each a transformers save_pretrained folder):
     base/    the plain model + its tokenizer (scripts/train_base_model.py, its final/ folder)

@@ -8,6 +8,7 @@ import shutil
 from conftest import tiny_model_dir
 
 from dms.cli import main
+from dms.eval.runner import EVAL_SEED
 
 
 def test_missing_models_fail_with_the_files_and_how_to_make_them(tmp_path, capsys):
@@ -47,3 +48,5 @@ def test_demo_end_to_end_on_tiny_models(tmp_path, capsys):
             dms_row = next(d for d in doc["summary"] if d["label"] == f"dms@{s['ratio']:g}x")
             assert abs(s["compression"] - dms_row["compression"]) < 1e-6
     assert (out / "accuracy_vs_compression.png").stat().st_size > 10_000
+    assert doc["meta"]["seed"] == EVAL_SEED and "95% CI" in printed  # held-out samples, with intervals
+    assert all(r["scores"] and r["ci_low"] <= r["accuracy"] <= r["ci_high"] for r in doc["rows"])
