@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": ("dms.cli.eval", "evaluate methods and budgets on the synthetic tasks"),
     "bench": ("dms.cli.bench", "decode speed and KV memory, DMS vs dense cache"),
     "demo": ("dms.cli.demo", "the main job: evaluate the shipped models offline"),
+    "hyperscale": ("dms.cli.hyperscale", "accuracy of W sampled chains vs KV memory and reads, vanilla vs DMS"),
     "retention": ("dms.cli.retention", "heat map of the tokens each head of a DMS model kept, for one sample"),
 }
 
