@@ -378,7 +378,8 @@ class Trainer:
     def _resume(self, directory: str) -> None:
         path = os.path.join(directory, STATE_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"resume_from {directory!r} has no {STATE_FILE} (not a checkpoint of this trainer)")
+            raise FileNotFoundError(f"resume_from {directory!r} has no {STATE_FILE} (not a checkpoint of this trainer; "
+                                    "an FSDP run's output folder holds only the model: use its checkpoint-<step>)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         fmt = state.get("format", "published")
         sharded = self.sharding == "fsdp"
@@ -451,7 +452,9 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(record) + "\n")
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+            # The final model under FSDP is not resumable: its last step gets a checkpoint too.
+            last = self.step == cfg.steps and self.sharding != "fsdp"
+            if cfg.save_every and (self.step % cfg.save_every == 0 or self.step == cfg.steps) and not last:
                 self.save(os.path.join(cfg.output_dir, f"checkpoint-{self.step:06d}"))
         bar.close()
         if self.sharding == "ddp":
