@@ -410,9 +410,11 @@ class DMSCache(AttentionCache):
         b*chains + chains - 1), each an independent copy of b's cache, as
         ``input_ids.repeat_interleave(chains, 0)`` lays out the prompts. In place; returns self.
 
-        The prompt's pages are copied per chain, not shared: a write can land in any live page
-        (a flagged token leaving the window hands its slot to the newest token), so sharing
-        would need copy-on-write in the append op."""
+        The prompt's pages are copied per chain, not shared. Sharing them copy-on-write is not
+        implemented: a write lands either in slot ``seq_lens`` or in the slot of a flagged token
+        leaving the window, so only the pages holding the ring's slots and the last partial page
+        could be written; a full page all of whose tokens left the window never changes again
+        and is the part chains could share."""
         if not _is_int(chains) or chains < 1:
             raise ValueError(f"chains must be an int >= 1, got {chains!r}")
         rows = torch.arange(self._batch_size(), device=self._device()).repeat_interleave(chains)

@@ -66,10 +66,11 @@ def plot(points: list[Point], path: str | Path, knob: str, title: str = "dms hyp
                             yerr=[[p.accuracy - p.ci_low for p in pts], [p.ci_high - p.accuracy for p in pts]])
                 for p, xv in zip(pts, xs):
                     ax.annotate(f"{p.chains}", (xv, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
-                front = frontier(pts, x)
-                ax.step([getattr(p, x) / _SCALE[x] for p in front], [p.accuracy for p in front], where="post",
-                        color=c, ls="--", lw=1.2)
+                front = frontier(pts, x)  # drawn out to the method's largest configuration
+                ax.step([getattr(p, x) / _SCALE[x] for p in front] + [max(xs)],
+                        [p.accuracy for p in front] + [front[-1].accuracy], where="post", color=c, ls="--", lw=1.2)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.set_xlabel(name, fontsize=8)
             ax.set_ylabel("accuracy (vote of W chains)", fontsize=8)
             ax.set_ylim(-0.05, 1.05)
