@@ -182,29 +182,33 @@ def measure_batched(context: int, budget: int, steps: int, warmup: int, window: 
         raise ValueError(f"kv budget {budget} bytes holds no {context}-token sequence of a StaticCache "
                          f"({per_dense} bytes each)")
 
-    def run(runner, cache, batch):
-        tok = torch.full((batch, 1), 5)
-        tok, _ = _steps(runner, cache, tok, warmup)
-        _, secs = _steps(runner, cache, tok, steps)
-        return batch * steps / secs, _kv_bytes(cache)
-
-    # Per-sequence DMS bytes from one sequence, then the largest batch whose bytes (after the
-    # timed steps) fit; the pool's slack shrinks per sequence as the batch grows, so this converges.
+    # Per-sequence DMS bytes from one sequence, then the largest batch whose bytes (after as many
+    # steps as the timed run) fit; the pool's slack per sequence shrinks as the batch grows.
     probe = _fill_dms(model, 1, T, window, ratio, seed=1)
     _steps(model, probe, torch.full((1, 1), 5), warmup + steps)
     b_dms = max(1, budget // _kv_bytes(probe))
+    del probe
     while True:
         cache = _fill_dms(model, b_dms, T, window, ratio, seed=2)
-        dms_tok_s, dms_bytes = run(model, cache, b_dms)
-        if dms_bytes <= budget or b_dms == 1:
+        tok_dms, _ = _steps(model, cache, torch.full((b_dms, 1), 5), warmup + steps)
+        if _kv_bytes(cache) <= budget or b_dms == 1:
             break
-        b_dms = max(1, b_dms * budget // dms_bytes)
+        b_dms = max(1, b_dms * budget // _kv_bytes(cache))
         del cache
         gc.collect()
+    static = _fill_static(dense, b_dense, T, context, seed=3)
+    tok_static, _ = _steps(dense, static, torch.full((b_dense, 1), 5), warmup)
+    # Timed: alternating blocks of 4 steps, so that load changes on a shared machine hit both alike.
+    secs = dict(static=0.0, dms=0.0)
+    for done in range(0, steps, 4):
+        n = min(4, steps - done)
+        tok_static, dt = _steps(dense, static, tok_static, n)
+        secs["static"] += dt
+        tok_dms, dt = _steps(model, cache, tok_dms, n)
+        secs["dms"] += dt
+    static_tok_s, static_bytes = b_dense * steps / secs["static"], _kv_bytes(static)
+    dms_tok_s, dms_bytes = b_dms * steps / secs["dms"], _kv_bytes(cache)
     compression = cache.stats()["compression_ratio"]
-    del cache
-    gc.collect()
-    static_tok_s, static_bytes = run(dense, _fill_static(dense, b_dense, T, context, seed=3), b_dense)
     row = dict(context=context, budget=budget, static_batch=b_dense, static_tok_s=static_tok_s,
                static_kv_bytes=static_bytes, dms_batch=b_dms, dms_tok_s=dms_tok_s, dms_kv_bytes=dms_bytes,
                compression=compression, batch_ratio=b_dms / b_dense, throughput_ratio=dms_tok_s / static_tok_s)
