@@ -1,0 +1,289 @@
+"""A DMS decode step written directly on the weights, the whole model in one function.
+
+Through transformers, a decode step of a small model spends much of its time in per-module
+Python (hooks, kwargs, mask builders, Cache bookkeeping) rather than in the attention and the
+projections. ``FastDecoder.step`` runs the same arithmetic as a DMS model in infer mode
+(dms.apply / dms.from_pretrained; Llama, Qwen2, Qwen3, Mistral; borrowed-neuron and adapter
+variants) for one new token per batch row: embedding, then per layer RMSNorm, one fused
+q/k/v matmul, q_norm/k_norm where the architecture has them, RoPE on q and k at once, the
+eviction decision (dms.attention.decisions, the same functions the model layers call),
+``DMSLayer.append`` + ``DMSLayer.decode_attention`` on the model's own DMSCache, o_proj, the
+MLP with gate and up fused, and finally the norm and the LM head. It adds no host sync: the
+cache's page bookkeeping is the only one, amortised as in the transformers path.
+
+The prompt goes through the model itself (``generate`` does that prefill), so the fast path
+only continues a cache the model filled; logits and cache state equal the transformers path
+step by step (tests/models/test_fast_decode.py).
+
+    from dms.models.decode import generate
+    out = generate(model, input_ids, attention_mask, max_new_tokens=64)             # greedy
+    out = generate(model, input_ids, attention_mask, max_new_tokens=64, do_sample=True,
+                   temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
+
+Fusing copies the q/k/v and gate/up weights (about as many bytes again). The copy pays where
+per-op overhead is comparable to a matmul, i.e. small models; ``fuse=None`` (the default)
+fuses only while the copies stay under ``_FUSE_BYTES`` and otherwise multiplies by the
+model's own weights one projection at a time. torch.compile is not applied: the cache's
+append is host-side bookkeeping around a custom op, which would split every layer's graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dms.attention.decisions import neuron_heads, neuron_logits, zero_neuron
+from dms.cache import DMSCache
+from dms.compat import cache_kwargs
+from dms.models.patch import _decoder_layers, runtime
+
+# Largest total copy of fused weights made by default (bytes).
+_FUSE_BYTES = 256 * 2**20
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The Llama/Qwen RMSNorm over the last dimension: statistics in fp32, weight applied in
+    the input dtype. ``weight`` [..., D] may hold one row per head."""
+    if x.dtype == torch.float32 and weight.dim() == 1:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+
+
+def _cat_bias(linears) -> torch.Tensor | None:
+    if all(m.bias is None for m in linears):
+        return None
+    return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
+
+
+@dataclass
+class _Layer:
+    attn: torch.nn.Module
+    mlp: torch.nn.Module
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+    qkv: tuple  # fused (weight, bias), or None: project with the modules
+    gate_up: tuple | None
+    qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's weight per q head, then k_norm's
+    o_proj: tuple  # (weight, bias)
+    adapter: torch.nn.Module | None
+
+
+class FastDecoder:
+    """Decode steps of one DMS model on its weights (see the module docstring). Build it once
+    per model (``decoder(model)`` caches it and rebuilds it when a weight changed)."""
+
+    def __init__(self, model, fuse: bool | None = None):
+        rt = runtime(model)  # ValueError for a non-DMS model
+        if fuse is not None and not isinstance(fuse, bool):
+            raise TypeError(f"fuse must be a bool or None, got {fuse!r}")
+        cfg, dcfg = model.config, rt.config
+        layers = _decoder_layers(model)
+        attn0 = layers[0].self_attn
+        self.model, self.runtime = model, rt
+        self.Hq, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim
+        self.scaling, self.eps = attn0.scaling, cfg.rms_norm_eps
+        self.adapter = bool(dcfg.dms_separate_alpha)
+        self.alpha = (dcfg.dms_alpha_per, dcfg.dms_alpha_scale, dcfg.dms_initial_alpha_offset)
+        self.silu = getattr(cfg, "hidden_act", None) == "silu"
+        fused_bytes = sum(sum(m.weight.numel() * m.weight.element_size() for m in
+                              (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.mlp.gate_proj,
+                               l.mlp.up_proj)) for l in layers)
+        fuse = fused_bytes <= _FUSE_BYTES if fuse is None else fuse
+        # The borrowed neuron: zero_neuron's mask over [Hq + Hkv, D] (ones on the k heads), to
+        # re-zero the neuron after RoPE as the model layer does.
+        self.keep = None
+        if not self.adapter:
+            ones = torch.ones(1, self.Hq + self.Hkv, 1, self.D, dtype=attn0.q_proj.weight.dtype,
+                              device=attn0.q_proj.weight.device)
+            self.keep = zero_neuron(ones, neuron_heads(self.Hq, self.Hkv, dcfg.dms_alpha_per))[0, :, 0]
+        half = self.D // 2
+        self.sign = torch.cat([-torch.ones(half), torch.ones(self.D - half)]).to(attn0.q_proj.weight)
+        self.layers = []
+        with torch.no_grad():
+            for l in layers:
+                a, m = l.self_attn, l.mlp
+                qk_norm = None
+                if hasattr(a, "q_norm"):
+                    qk_norm = torch.cat([a.q_norm.weight.expand(self.Hq, -1), a.k_norm.weight.expand(self.Hkv, -1)])
+                qkv = gate_up = None
+                if fuse:
+                    qkv = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                           _cat_bias([a.q_proj, a.k_proj, a.v_proj]))
+                    gate_up = (torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias([m.gate_proj, m.up_proj]))
+                self.layers.append(_Layer(a, m, l.input_layernorm.weight, l.post_attention_layernorm.weight, qkv,
+                                          gate_up, qk_norm, (a.o_proj.weight, a.o_proj.bias),
+                                          a.dms_adapter if self.adapter else None))
+        self.fused = fuse
+        self._source = _weights_version(model)
+
+    def check(self, cache, batch: int) -> None:
+        """Raise unless ``cache`` is a DMSCache this model filled for ``batch`` rows, and the model
+        is in infer mode."""
+        if self.runtime.mode != "infer":
+            raise ValueError(f"the fast decode path runs DMS infer mode only; the model is in mode "
+                             f"{self.runtime.mode!r} (dms.models.set_mode(model, 'infer'))")
+        if not isinstance(cache, DMSCache):
+            raise TypeError(f"cache must be a dms.DMSCache filled by this model, got {type(cache).__name__}")
+        cache.check_model(self.runtime.mode, self.runtime.config.window)
+        n = len(self.layers)
+        if len(cache.layers) != n:
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}: a cache of another model")
+        w = self.layers[0].ln1
+        for i, layer in enumerate(cache.layers):
+            if layer.unusable:
+                raise RuntimeError(layer.unusable)
+            if not layer.is_initialized:
+                raise ValueError("cache is empty: prefill the prompt through the model first (generate does)")
+            if (layer.num_seqs, layer.head_dim, layer.dtype, layer.device) != \
+                    (batch * self.Hkv, self.D, w.dtype, w.device):
+                raise ValueError(
+                    f"cache layer {i} holds {layer.num_seqs} sequences of head_dim {layer.head_dim} ({layer.dtype} on "
+                    f"{layer.device}); this model needs batch * kv heads = {batch} * {self.Hkv} of head_dim "
+                    f"{self.D} ({w.dtype} on {w.device}): a cache of another model or batch")
+
+    @torch.no_grad()
+    def step(self, cache: DMSCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per row: tokens, positions int [B] (the token's RoPE position) ->
+        logits [B, vocab]. Appends the token to ``cache`` exactly like a model forward."""
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
+            raise ValueError(f"tokens must be a 1D tensor [batch], got {_describe(tokens)}")
+        if not isinstance(positions, torch.Tensor) or positions.shape != tokens.shape:
+            raise ValueError(f"positions must be a tensor of shape {tuple(tokens.shape)} like tokens, got "
+                             f"{_describe(positions)}")
+        B = tokens.shape[0]
+        self.check(cache, B)
+        Hq, Hkv, D = self.Hq, self.Hkv, self.D
+        S, G, H = B * Hkv, Hq // Hkv, Hq + Hkv
+        base = self.model.model
+        h = base.embed_tokens(tokens)
+        cos, sin = base.rotary_emb(h, positions[:, None])  # [B, 1, D], broadcast over heads
+        sin = sin * self.sign  # rotate_half(x) * sin == roll(x, D/2) * (sign * sin)
+        per, a_scale, offset = self.alpha
+        for layer, store in zip(self.layers, cache.layers):
+            x = _rms_norm(h, layer.ln1, self.eps)
+            if layer.qkv is not None:
+                qkv = F.linear(x, *layer.qkv).view(B, H + Hkv, D)
+                qk, v = qkv[:, :H], qkv[:, H:]
+            else:
+                a = layer.attn
+                qk = torch.cat([a.q_proj(x), a.k_proj(x)], -1).view(B, H, D)
+                v = a.v_proj(x).view(B, Hkv, D)
+            if layer.qk_norm is not None:
+                qk = _rms_norm(qk, layer.qk_norm, self.eps)
+            if layer.adapter is not None:
+                logits = layer.adapter.logits(h[:, None], Hkv, a_scale, offset)[..., 0]
+            else:
+                logits, _ = neuron_logits(qk[:, :Hq, None], Hkv, per, a_scale, offset)
+                logits = logits[..., 0]
+                qk = qk * self.keep
+            qk = qk * cos + qk.roll(D // 2, -1) * sin
+            if self.keep is not None:
+                qk = qk * self.keep  # RoPE mixed the zeroed dimension with its pair: zero it again
+            store.append(qk[:, Hq:].reshape(S, 1, D), v.reshape(S, 1, D), (logits > 0).reshape(S, 1), None)
+            out = store.decode_attention(qk[:, :Hq].reshape(S, G, D), self.scaling)
+            h = h + F.linear(out.view(B, Hq * D), *layer.o_proj)
+            x = _rms_norm(h, layer.ln2, self.eps)
+            m = layer.mlp
+            if layer.gate_up is not None:
+                gate, up = F.linear(x, *layer.gate_up).chunk(2, -1)
+            else:
+                gate, up = m.gate_proj(x), m.up_proj(x)
+            act = F.silu(gate) if self.silu else m.act_fn(gate)
+            h = h + F.linear(act * up, m.down_proj.weight, m.down_proj.bias)
+        return self.model.lm_head(_rms_norm(h, base.norm.weight, self.eps))
+
+
+def _weights_version(model) -> tuple:
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def decoder(model, fuse: bool | None = None) -> FastDecoder:
+    """The model's FastDecoder, built on first use and rebuilt when a weight changed."""
+    fast = model.__dict__.get("_dms_fast_decoder")
+    if fast is None or fast.fused != (fast.fused if fuse is None else fuse) or fast._source != _weights_version(model):
+        fast = FastDecoder(model, fuse)
+        model.__dict__["_dms_fast_decoder"] = fast
+    return fast
+
+
+def _next_token(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             cache: DMSCache | None = None, max_new_tokens: int = 32, *, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             generator: torch.Generator | None = None, fuse: bool | None = None) -> torch.Tensor:
+    """Prefill ``input_ids`` [B, T] (left padded, ``attention_mask`` 1 = real token) through the
+    model into ``cache`` (a new DMSCache if None; it must be empty), then decode up to
+    ``max_new_tokens`` with the fast path -> [B, T + new] like ``model.generate``: positions
+    numbered as generate numbers them, greedy unless ``do_sample`` (temperature, top_k,
+    top_p), rows that produced an EOS continue with ``pad_token_id``, and it stops when
+    every row has (one host sync per step, only when ``eos_token_id`` is given)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1:
+        raise ValueError(f"input_ids must be a 2D tensor [batch, tokens] with at least one token, got "
+                         f"{_describe(input_ids)}")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor)
+                                       or attention_mask.shape != input_ids.shape):
+        raise ValueError(f"attention_mask must be a tensor of shape {tuple(input_ids.shape)} like input_ids, got "
+                         f"{_describe(attention_mask)}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
+    fast = decoder(model, fuse)
+    if runtime(model).mode != "infer":
+        raise ValueError(f"the fast decode path runs DMS infer mode only; the model is in mode "
+                         f"{runtime(model).mode!r} (dms.models.set_mode(model, 'infer'))")
+    cache = DMSCache(model) if cache is None else cache
+    if not isinstance(cache, DMSCache):
+        raise TypeError(f"cache must be a dms.DMSCache or None, got {type(cache).__name__}")
+    if cache.layers[0].is_initialized:
+        raise ValueError("cache must be empty: generate prefills input_ids into it")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.long()
+    eos = None
+    if eos_token_id is not None:
+        eos = torch.as_tensor(eos_token_id, device=input_ids.device).reshape(-1)
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is required with eos_token_id (finished rows continue with it)")
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **cache_kwargs(cache)).logits[:, -1]
+    pos = mask.sum(-1)
+    done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    out = [input_ids]
+    for i in range(max_new_tokens):
+        tok = _next_token(logits, do_sample, temperature, top_k, top_p, generator)
+        if eos is not None:
+            tok = tok.masked_fill(done, pad_token_id)
+            done = done | torch.isin(tok, eos)
+        out.append(tok[:, None])
+        if i + 1 == max_new_tokens or (eos is not None and bool(done.all())):
+            break
+        logits = fast.step(cache, tok, pos)
+        pos = pos + 1
+    return torch.cat(out, 1)
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    return type(x).__name__

@@ -1,0 +1,134 @@
+"""dms.models.decode: the fast decode path gives the transformers path's logits step by step
+and leaves the cache in the same state (all four architectures, both eviction variants,
+left-padded batches, evictions during decode); its generate equals model.generate; bad input
+is refused with a clear error."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import VARIANTS, forced_dms_model, left_padded
+
+import dms
+from dms.compat import cache_kwargs
+from dms.models.decode import FastDecoder, decoder, generate
+from dms.models.tiny import tiny_model
+
+
+def _prefilled(model, ids, mask):
+    cache = dms.DMSCache(model)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **cache_kwargs(cache)).logits[:, -1]
+    return cache, logits, mask.sum(-1)
+
+
+def _layer_state(cache):
+    return [(layer.columns, layer.store.seq_lens.clone(), layer.store.num_seen.clone(), layer.store.ring_slots.clone(),
+             layer.store.ring_flags.clone()) for layer in cache.layers]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_cache_equal_transformers_path(arch, variant, fuse):
+    model = forced_dms_model(arch, variant, window=3)
+    ids, mask = left_padded([9, 5, 7])
+    ref_cache, logits, pos = _prefilled(model, ids, mask)
+    fast_cache = copy.deepcopy(ref_cache)
+    fast = FastDecoder(model, fuse=fuse)
+    tok = logits.argmax(-1)
+    evicted = 0
+    for _ in range(12):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        with torch.no_grad():
+            ref = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                        **cache_kwargs(ref_cache)).logits[:, -1]
+        got = fast.step(fast_cache, tok, pos)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(_layer_state(ref_cache), _layer_state(fast_cache)):
+            assert a[0] == b[0]
+            for x, y in zip(a[1:], b[1:]):
+                assert torch.equal(x, y)
+        evicted += int((ref_cache.layers[0].store.num_seen - ref_cache.layers[0].store.seq_lens).sum())
+        tok, pos = ref.argmax(-1), pos + 1
+    assert evicted > 0, "the test must see evictions during decode"
+    assert fast_cache.stats()["compression_ratio"] == ref_cache.stats()["compression_ratio"] > 1.0
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generate_equals_model_generate(arch, variant):
+    model = forced_dms_model(arch, variant, window=3)
+    ids, mask = left_padded([8, 4, 6], seed=1)
+    eos = model.generation_config.eos_token_id  # generate stops rows there by default
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    out = generate(model, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref)
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows():
+    model = forced_dms_model("llama", "adapter")
+    ids, mask = left_padded([5, 7], seed=2)
+    free = generate(model, ids, mask, max_new_tokens=6)
+    eos = int(free[0, ids.shape[1] + 1])  # row 0's second new token
+    out = generate(model, ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=0)
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                         eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out, ref)
+    assert (out[0, ids.shape[1] + 2:] == 0).all()
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model = forced_dms_model("qwen3", "neuron")
+    ids, mask = left_padded([6, 6], seed=3)
+    runs = [generate(model, ids, mask, max_new_tokens=8, do_sample=True, top_k=1,
+                     generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    greedy = generate(model, ids, mask, max_new_tokens=8)
+    assert torch.equal(runs[0], greedy) and torch.equal(runs[1], greedy)  # top_k=1 is greedy
+    a, b = (generate(model, ids, mask, max_new_tokens=8, do_sample=True, top_p=0.9, temperature=1.5,
+                     generator=torch.Generator().manual_seed(7)) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+def test_decoder_is_rebuilt_when_weights_change():
+    model = forced_dms_model("llama", "neuron")
+    first = decoder(model)
+    assert decoder(model) is first
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2)
+    assert decoder(model) is not first
+
+
+def test_bad_input_is_refused():
+    model = forced_dms_model("llama", "adapter")
+    ids, mask = left_padded([5, 4])
+    cache, logits, pos = _prefilled(model, ids, mask)
+    fast = FastDecoder(model)
+    tok = logits.argmax(-1)
+    with pytest.raises(ValueError, match="not a DMS model"):
+        FastDecoder(tiny_model("llama"))
+    with pytest.raises(TypeError, match="dms.DMSCache"):
+        fast.step(object(), tok, pos)
+    with pytest.raises(ValueError, match="cache is empty"):
+        fast.step(dms.DMSCache(model), tok, pos)
+    other = dms.apply(tiny_model("llama", num_key_value_heads=4), dms_window_size=3, dms_separate_alpha=True)
+    other_cache, _, _ = _prefilled(other, ids, mask)
+    with pytest.raises(ValueError, match="another model"):
+        fast.step(other_cache, tok, pos)
+    with pytest.raises(ValueError, match="another model or batch"):
+        fast.step(cache, tok[:1], pos[:1])
+    with pytest.raises(ValueError, match="positions must be"):
+        fast.step(cache, tok, pos[:1])
+    dms.models.set_mode(model, "off")
+    with pytest.raises(ValueError, match="infer mode only"):
+        fast.step(cache, tok, pos)
+    with pytest.raises(ValueError, match="infer mode only"):
+        generate(model, ids, mask)
+    dms.models.set_mode(model, "infer")
+    with pytest.raises(ValueError, match="cache must be empty"):
+        generate(model, ids, mask, cache=cache)
+    with pytest.raises(ValueError, match="pad_token_id"):
+        generate(model, ids, mask, eos_token_id=2)
+    with pytest.raises(ValueError, match="attention_mask"):
+        generate(model, ids, mask[:, 1:])
