@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from dms.attention.block_masks import causal_block_mask
+
 # Score elements (batch * query heads * query rows * keys) per chunk of the CPU path.
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
 
@@ -108,13 +110,11 @@ def _causal(b, h, q_idx, kv_idx):
 @functools.lru_cache(maxsize=8)
 def _causal_block_mask(T: int, device: torch.device):
     """Shared by every layer (and step) of the same length: building it is not free."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    return create_block_mask(_causal, None, None, T, T, device=device)
+    return causal_block_mask(_causal, None, T, device)
 
 
 def _flex_attention(q, k, v, log_keep, window, scale, padding_mask):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     if q.device.type not in _compiled_flex:
         # Eager flex_attention materialises every score (the CPU test path); compiled it is the
@@ -135,7 +135,7 @@ def _flex_attention(q, k, v, log_keep, window, scale, padding_mask):
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx <= q_idx) & (real[b, kv_idx] | (kv_idx == q_idx))
 
-        block_mask = create_block_mask(mask_mod, B, None, T, T, device=q.device)
+        block_mask = causal_block_mask(mask_mod, B, T, q.device, padded=True)  # no T x T mask
     return _compiled_flex[q.device.type](q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
                                          enable_gqa=True)
 

@@ -123,8 +123,8 @@ def plan(config, cfg, world: int = 1, device: str = "cpu", dense_teacher: bool |
         layers = s.layers * per_layer
     head = 3 * tokens * s.hidden * ab + 4 * min(cfg.kl_chunk_tokens, tokens) * s.vocab * 4
     if device == "cuda":
-        # FlexAttention is fused, but create_block_mask evaluates the mask densely: T x T bools.
-        attention = cfg.batch_size * cfg.seq_len ** 2
+        # FlexAttention is fused; its block mask holds int32 indices per (128-token block)^2.
+        attention = 2 * 4 * cfg.batch_size * (-(-cfg.seq_len // 128)) ** 2
     else:
         rows = cfg.batch_size * s.q_heads * cfg.seq_len * cfg.seq_len
         attention = 4 * 4 * min(CPU_ATTENTION_CHUNK, rows)
