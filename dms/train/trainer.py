@@ -546,7 +546,9 @@ def retrofit(model, config: TrainConfig | None = None, **options):
     """Train ``model`` (a model folder or a transformers Llama/Qwen2/Qwen3/Mistral model) into
     a DMS model; options are ``TrainConfig`` fields. A model object is converted in place. Returns
     the trained model (eval and "infer" mode) and writes it, with checkpoints and
-    ``train_log.jsonl``, to ``output_dir``. Under torchrun every process calls this."""
+    ``train_log.jsonl``, to ``output_dir``. Under torchrun every process calls this; under FSDP
+    the returned model is still sharded (its forward is collective): load ``output_dir`` with
+    ``dms.from_pretrained`` for a plain copy."""
     if config is not None and options:
         raise TypeError("give either config or keyword options, not both")
     cfg = config or TrainConfig(**options)
