@@ -24,11 +24,13 @@ steps / seconds), batch size and bytes.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import time
 
 import torch
 
+ENGINES = ("transformers", "fast", "both")
 MODEL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=8, head_dim=64, vocab_size=512)
 
@@ -69,12 +71,22 @@ def _caches(dense, model, T: int, window: int, ratio: float, steps: int, seed: i
     return caches
 
 
-def _steps(model, cache, tok, n: int) -> tuple[torch.Tensor, float]:
-    """``n`` single-token forwards (batch 1): (last token, seconds)."""
+def _steps(model, cache, tok, n: int, engine: str = "transformers") -> tuple[torch.Tensor, float]:
+    """``n`` single-token forwards of ``tok`` [B, 1]: (last token, seconds). Engine "fast" is
+    dms.models.decode on a DMS model (RoPE positions = tokens fed so far, as the forward numbers
+    them without position_ids)."""
     from dms.compat import cache_kwargs
+    from dms.models.decode import decoder
 
     t0 = time.perf_counter()
     with torch.no_grad():
+        if engine == "fast":
+            fast, tok = decoder(model), tok[:, 0]
+            pos = torch.full_like(tok, cache.get_seq_length())
+            for _ in range(n):
+                tok = fast.step(cache, tok, pos).argmax(-1)
+                pos = pos + 1
+            return tok[:, None], time.perf_counter() - t0
         for _ in range(n):
             tok = model(input_ids=tok, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
     return tok, time.perf_counter() - t0
@@ -89,9 +101,14 @@ def _kv_bytes(cache) -> int:
 
 
 def measure(contexts, steps: int, warmup: int, window: int, ratio: float, threads: int | None,
-            block: int = 4) -> list[dict]:
-    """Per context, the three caches decode in turns of ``block`` steps (so that load changes on
-    a shared machine hit all of them alike) until each did ``steps`` timed steps."""
+            block: int = 4, engine: str = "both") -> list[dict]:
+    """Per context, the caches decode in turns of ``block`` steps (so that load changes on
+    a shared machine hit all of them alike) until each did ``steps`` timed steps. ``engine``
+    runs the DMS model through its transformers forward, dms.models.decode ("fast"), or both
+    (DMSCache "dms" and "dms_fast", each on its own copy of the same cache); the dense caches
+    always run through transformers."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if threads:
         torch.set_num_threads(threads)
     dense, model = _models(window)
@@ -99,22 +116,27 @@ def measure(contexts, steps: int, warmup: int, window: int, ratio: float, thread
     n = block * ((steps + block - 1) // block)
     for T in contexts:
         caches = _caches(dense, model, T, window, ratio, warmup + n, seed=T)
-        runner = dict(dynamic=dense, static=dense, dms=model)
+        engines = dict(dynamic="transformers", static="transformers", dms="fast" if engine == "fast" else "transformers")
+        if engine == "both":
+            caches["dms_fast"], engines["dms_fast"] = copy.deepcopy(caches["dms"]), "fast"
+        runner = dict(dynamic=dense, static=dense, dms=model, dms_fast=model)
         toks = {name: torch.tensor([[5]]) for name in caches}
         secs = dict.fromkeys(caches, 0.0)
         for name in caches:
-            toks[name], _ = _steps(runner[name], caches[name], toks[name], warmup)
+            toks[name], _ = _steps(runner[name], caches[name], toks[name], warmup, engines[name])
         for _ in range(0, n, block):
             for name in caches:
-                toks[name], dt = _steps(runner[name], caches[name], toks[name], block)
+                toks[name], dt = _steps(runner[name], caches[name], toks[name], block, engines[name])
                 secs[name] += dt
-        row = dict(context=T, compression=caches["dms"].stats()["compression_ratio"])
+        row = dict(context=T, compression=caches["dms"].stats()["compression_ratio"], engine=engine)
         for name, cache in caches.items():
             row[f"{name}_tok_s"] = n / secs[name]
             row[f"{name}_kv_bytes"] = _kv_bytes(cache)
         row["speedup"] = row["dms_tok_s"] / row["dynamic_tok_s"]
         row["speedup_static"] = row["dms_tok_s"] / row["static_tok_s"]
         row["bytes_ratio"] = row["dynamic_kv_bytes"] / row["dms_kv_bytes"]
+        if engine == "both":
+            row["speedup_static_fast"] = row["dms_fast_tok_s"] / row["static_tok_s"]
         rows.append(row)
         print(_fmt(row), flush=True)
         del caches
@@ -124,10 +146,13 @@ def measure(contexts, steps: int, warmup: int, window: int, ratio: float, thread
 
 def _fmt(r: dict) -> str:
     mib = 2**20
+    label = "DMSCache (fast)" if r["engine"] == "fast" else "DMSCache"
+    fast = (f"DMSCache (fast) {r['dms_fast_tok_s']:7.1f} tok/s, {r['speedup_static_fast']:.2f}x static | "
+            if r["engine"] == "both" else "")
     return (f"context {r['context']:>6}: DynamicCache {r['dynamic_tok_s']:7.1f} tok/s "
             f"{r['dynamic_kv_bytes'] / mib:6.1f} MiB | StaticCache {r['static_tok_s']:7.1f} tok/s | "
-            f"DMSCache {r['dms_tok_s']:7.1f} tok/s {r['dms_kv_bytes'] / mib:6.1f} MiB (CR {r['compression']:.2f}) | "
-            f"speed-up {r['speedup']:.2f}x (vs static {r['speedup_static']:.2f}x), "
+            f"{label} {r['dms_tok_s']:7.1f} tok/s {r['dms_kv_bytes'] / mib:6.1f} MiB (CR {r['compression']:.2f}) | "
+            f"speed-up {r['speedup']:.2f}x (vs static {r['speedup_static']:.2f}x) | {fast}"
             f"KV bytes ratio {r['bytes_ratio']:.2f}x")
 
 
@@ -228,6 +253,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ratio", type=float, default=8.0, help="forced compression ratio of the filled context")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="tiny contexts and few steps (CI smoke run)")
+    p.add_argument("--engine", choices=ENGINES, default="both",
+                   help="DMS decode through the transformers forward, dms.models.decode, or both side by side "
+                        "(the dense caches always run through transformers)")
     p.add_argument("--batched", action="store_true",
                    help="throughput at equal KV memory: the largest batch each cache fits in --kv-budget-mib")
     p.add_argument("--context", type=int, default=8192, help="batched mode: tokens per sequence")
@@ -247,6 +275,6 @@ def run(args) -> int:
         args.contexts, args.steps, args.warmup, args.window = [256, 1024], 4, 1, 32
     print(f"model {MODEL}, batch 1, fp32, window {args.window}, forced ~{args.ratio:g}x, "
           f"threads {args.threads or torch.get_num_threads()}", flush=True)
-    measure(args.contexts, args.steps, args.warmup, args.window, args.ratio, args.threads)
+    measure(args.contexts, args.steps, args.warmup, args.window, args.ratio, args.threads, engine=args.engine)
     return 0
 
