@@ -131,6 +131,8 @@ class DMSLayer(CacheLayerMixin):
                                       dtype=key_states.dtype, device=key_states.device)
         self._sync([0] * S)
         self.syncs = 0
+        self._shares_pages = False  # some page is mapped by several sequences (a fork)
+        self._must_unshare = False  # ... and may be written by the next append
         self.is_initialized = True
 
     def _sync(self, lens: list[int]) -> None:
@@ -143,6 +145,8 @@ class DMSLayer(CacheLayerMixin):
 
     def _read_lens(self) -> None:
         self._sync(self.store.seq_lens.tolist())  # the one host sync
+        if self._shares_pages:  # pages in use are fewer than the lengths say
+            self._synced_pages = self.store.num_pages - int(self.store.free_top[0])
         self.syncs += 1
 
     def _bound(self, extra: int, exact: bool = False) -> tuple[int, int]:
@@ -154,7 +158,7 @@ class DMSLayer(CacheLayerMixin):
         loose = self._synced_pages + len(self._synced_lens) * math.ceil(t / ps)
         if not exact and loose <= self.store.num_pages:
             return loose, longest
-        return sum(math.ceil((n + t) / ps) for n in self._synced_lens), longest
+        return self._synced_pages + sum(math.ceil((n + t) / ps) - math.ceil(n / ps) for n in self._synced_lens), longest
 
     def _reserve(self, new_tokens: int) -> None:
         total, longest = self._bound(new_tokens)
@@ -191,6 +195,8 @@ class DMSLayer(CacheLayerMixin):
             self._check_chunk(keys, values, decisions, valid)
             if not self.is_initialized:
                 self.lazy_initialization(keys, values)
+            if self._must_unshare:
+                self._unshare()
             T = keys.shape[1]
             if self.max_pages is not None and self._bound(T)[0] > self.max_pages:
                 self._append_at_cap(keys, values, decisions, valid)
@@ -341,15 +347,28 @@ class DMSLayer(CacheLayerMixin):
         raise NotImplementedError("DMSCache cannot be cropped (evicted tokens are gone), so assisted decoding "
                                   "is not supported")
 
-    def take(self, seqs: torch.Tensor) -> None:
-        """Keep copies of sequences ``seqs`` (in that order, repeats allowed; see
-        PagedStore.take): the forked sequences continue exactly as their sources would."""
+    def take(self, seqs: torch.Tensor, share: bool = True) -> None:
+        """Keep sequences ``seqs`` (in that order, repeats allowed): the forked sequences
+        continue exactly as their sources would. ``share``: they share their pages copy-on-write
+        (PagedStore.share; the next append first copies the shared pages it may write, after which
+        no append can reach a shared page: PagedStore.writable); else each gets copies."""
         if self.unusable:
             raise RuntimeError(self.unusable)
         if not self.is_initialized:
             return
-        self.store = self.store.take(seqs)
+        self.store = self.store.share(seqs) if share else self.store.take(seqs)
         self.num_seqs = self.store.num_seqs
+        self._shares_pages = self._must_unshare = share
+        self._read_lens()
+
+    def _unshare(self) -> None:
+        entries = self.store.shared_writable()
+        need = int(entries.sum()) - int(self.store.free_top[0])
+        if need > 0:
+            self._read_lens()
+            self._grow_pool(self._synced_pages + int(entries.sum()), self.store.num_pages + need)
+        self.store.unshare(entries)
+        self._must_unshare = False
         self._read_lens()
 
     def stats(self) -> dict:
@@ -405,24 +424,25 @@ class DMSCache(AttentionCache):
         return out.reshape(B, Hq, T, D)
 
     # -- forking (sampling several chains from one prefill) ------------------------------------
-    def fork(self, chains: int) -> "DMSCache":
+    def fork(self, chains: int, share: bool = True) -> "DMSCache":
         """Each batch row becomes ``chains`` consecutive rows (row b -> rows b*chains ..
-        b*chains + chains - 1), each an independent copy of b's cache, as
+        b*chains + chains - 1), each continuing b's cache on its own, as
         ``input_ids.repeat_interleave(chains, 0)`` lays out the prompts. In place; returns self.
 
-        The prompt's pages are copied per chain, not shared. Sharing them copy-on-write is not
-        implemented: a write lands either in slot ``seq_lens`` or in the slot of a flagged token
-        leaving the window, so only the pages holding the ring's slots and the last partial page
-        could be written; a full page all of whose tokens left the window never changes again
-        and is the part chains could share."""
+        ``share``: the chains share the prompt's pages copy-on-write. A write lands either in
+        slot ``seq_lens`` or in the slot of a flagged token leaving the window, so only the
+        pages holding the window's slots and the last partial page can be written: the next
+        append copies those per chain, the rest (pages of tokens kept for good) stays shared for
+        the cache's life. ``share=False`` copies every page per chain."""
         if not _is_int(chains) or chains < 1:
             raise ValueError(f"chains must be an int >= 1, got {chains!r}")
         rows = torch.arange(self._batch_size(), device=self._device()).repeat_interleave(chains)
-        return self.select(rows)
+        return self.select(rows, share)
 
-    def select(self, indices) -> "DMSCache":
+    def select(self, indices, share: bool = True) -> "DMSCache":
         """Keep batch rows ``indices`` (a 1D integer tensor or list, in that order; a row may
-        appear several times, each copy then continues on its own). In place; returns self."""
+        appear several times, each then continues on its own; ``share`` as in ``fork``). In
+        place; returns self."""
         B = self._batch_size()
         idx = torch.as_tensor(indices, device=self._device())
         if idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64):
@@ -433,7 +453,7 @@ class DMSCache(AttentionCache):
             H = self.kv_heads
             seqs = (idx.long()[:, None] * H + torch.arange(H, device=idx.device)).reshape(-1)
             for layer in self.layers:
-                layer.take(seqs)
+                layer.take(seqs, share)
         return self
 
     def batch_repeat_interleave(self, repeats: int) -> None:

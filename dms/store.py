@@ -163,11 +163,7 @@ class PagedStore:
         appends to one never reach another; the ring, lengths and slot order are copied, so each
         copy attends and evicts exactly like its source. The pool holds just the copied pages,
         none free (the owner grows it as it appends)."""
-        if not isinstance(seqs, torch.Tensor) or seqs.dim() != 1 or seqs.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"seqs must be a 1D integer tensor, got {seqs!r}")
-        seqs = seqs.to(device=self.block_table.device, dtype=torch.long)
-        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= self.num_seqs):
-            raise ValueError(f"seqs must lie in [0, {self.num_seqs}), got {seqs.tolist()}")
+        seqs = self._check_seqs(seqs)
         table = self.block_table[seqs]
         mapped = table >= 0
         old_ids = table[mapped].long()  # row-major: each copy's pages in its table order
@@ -178,6 +174,87 @@ class PagedStore:
             seq_lens=self.seq_lens[seqs], num_seen=self.num_seen[seqs], ring_slots=self.ring_slots[seqs],
             ring_flags=self.ring_flags[seqs], free_pages=torch.zeros_like(old_ids, dtype=torch.int32),
             free_top=torch.zeros_like(self.free_top))
+
+    def share(self, seqs: torch.Tensor) -> "PagedStore":
+        """``take`` without copying: the new sequences reference their sources' pages, a page
+        referenced by several sequences is shared (copy-on-write: call ``unshare`` before the
+        next append). Pages no new sequence references go back on the free list."""
+        seqs = self._check_seqs(seqs)
+        table = self.block_table[seqs]
+        used = torch.zeros(self.num_pages, dtype=torch.bool, device=table.device)
+        used[table[table >= 0].long()] = True
+        free = (~used).nonzero()[:, 0].flip(0).to(torch.int32)  # popped from the top: increasing ids
+        free_pages = torch.zeros_like(self.free_pages)
+        free_pages[: free.numel()] = free
+        return PagedStore(
+            k_pages=self.k_pages, v_pages=self.v_pages, block_table=table, seq_lens=self.seq_lens[seqs],
+            num_seen=self.num_seen[seqs], ring_slots=self.ring_slots[seqs], ring_flags=self.ring_flags[seqs],
+            free_pages=free_pages, free_top=self.free_top.new_tensor([free.numel()]))
+
+    def references(self) -> torch.Tensor:
+        """int64 [P]: how many block-table entries map each page."""
+        return torch.bincount(self.block_table[self.block_table >= 0].long(), minlength=self.num_pages)
+
+    def writable(self) -> torch.Tensor:
+        """bool [S, table_width]: the pages the next appends (any number of tokens) may write.
+        A new token takes slot ``seq_lens`` (a fresh page when that starts one) or the slot of a
+        flagged token leaving the window, i.e. a slot of a token now in the ring; tokens of the
+        chunk itself only land in such slots or new ones. So: the pages holding the ring's
+        slots and the last page when partly filled. Every other page never changes again."""
+        ps = self.page_size
+        slot, index, _ = self.ring_tokens()
+        mask = torch.zeros_like(self.block_table, dtype=torch.bool)
+        rows = torch.arange(self.num_seqs, device=slot.device)
+        in_ring = index >= 0
+        mask[rows[:, None].expand_as(slot)[in_ring], (slot // ps)[in_ring]] = True
+        lens = self.seq_lens.long()
+        mid = lens % ps != 0
+        mask[rows[mid], (lens // ps)[mid]] = True
+        return mask & (self.block_table >= 0)
+
+    def shared_writable(self) -> torch.Tensor:
+        """bool [S, table_width]: writable entries whose page is shared (what ``unshare`` copies)."""
+        refs = self.references()
+        return self.writable() & (refs[self.block_table.clamp_min(0).long()] > 1)
+
+    def unshare(self, entries: torch.Tensor) -> None:
+        """Give each block-table entry of ``entries`` (bool [S, table_width], mapped) a private
+        copy of its page, popped from the free list (the caller makes room: one free page per
+        entry); pages no entry maps any more go back on the free list. One host sync."""
+        n = int(entries.sum())
+        top = int(self.free_top[0])
+        if n > top:
+            raise RuntimeError(f"unshare needs {n} free pages, the pool has {top}")
+        if not n:
+            return
+        old = self.block_table[entries].long()
+        new = self.free_pages[top - n: top].flip(0)  # the order the op pops them in
+        self.k_pages[new.long()] = self.k_pages[old]
+        self.v_pages[new.long()] = self.v_pages[old]
+        self.block_table[entries] = new
+        orphans = old.unique()
+        orphans = orphans[self.references()[orphans] == 0].to(torch.int32)
+        top -= n
+        self.free_pages[top: top + orphans.numel()] = orphans
+        self.free_top.fill_(top + orphans.numel())
+
+    def held_slots(self) -> torch.Tensor:
+        """float64 [S]: live slots of each sequence, a slot in a page shared by k sequences
+        counting 1/k (the sum is the slots the pool really holds)."""
+        ps = self.page_size
+        cols = torch.arange(self.table_width, device=self.block_table.device)[None, :]
+        live = (self.seq_lens.long()[:, None] - cols * ps).clamp(0, ps).double()
+        mapped = self.block_table >= 0
+        refs = self.references()[self.block_table.clamp_min(0).long()].clamp_min(1)
+        return (live * mapped / refs).sum(1)
+
+    def _check_seqs(self, seqs) -> torch.Tensor:
+        if not isinstance(seqs, torch.Tensor) or seqs.dim() != 1 or seqs.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"seqs must be a 1D integer tensor, got {seqs!r}")
+        seqs = seqs.to(device=self.block_table.device, dtype=torch.long)
+        if seqs.numel() and (int(seqs.min()) < 0 or int(seqs.max()) >= self.num_seqs):
+            raise ValueError(f"seqs must lie in [0, {self.num_seqs}), got {seqs.tolist()}")
+        return seqs
 
     # -- growth --------------------------------------------------------------------------------
     def grow_table(self, width: int) -> None:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from conftest import VARIANTS, forced_dms_model, left_padded
-from dms.cache import DMSCache
+from dms.cache import DMSCache, DMSLayer
 from dms.compat import cache_kwargs
 
 STEPS = 10
@@ -79,14 +82,21 @@ def test_forked_chains_equal_fresh_prefills(arch, variant):
     assert (st.seq_lens < st.num_seen).any(), "no eviction happened: the test would not exercise the ring"
 
 
-def test_chains_do_not_share_pages(arch):
+def test_copy_fork_shares_nothing_cow_fork_shares_the_kept_pages(arch):
     model = forced_dms_model(arch, "adapter", window=WINDOW).eval()
-    ids, mask = left_padded([9], seed=1)
-    cache, _ = _prefill(model, ids, mask)
-    cache.fork(4)
-    for layer in cache.layers:
-        ids_used = layer.store.block_table[layer.store.block_table >= 0]
-        assert ids_used.unique().numel() == ids_used.numel()
+    ids, mask = left_padded([23], seed=1)
+    copied, _ = _prefill(model, ids, mask)
+    copied.fork(4, share=False)
+    shared, _ = _prefill(model, ids, mask)
+    shared.fork(4)
+    _decode(model, shared, mask.repeat_interleave(4, 0), torch.randint(3, 128, (4, 2)))
+    for layer in copied.layers:
+        assert int(layer.store.references().max()) == 1
+    for layer in shared.layers:
+        st = layer.store
+        assert int(st.references().max()) == 4  # pages of tokens kept for good, one copy for 4 chains
+        assert not st.shared_writable().any()
+        assert st.held_slots().sum() < st.seq_lens.sum()
 
 
 def test_select_keeps_exactly_the_chosen_rows():
@@ -157,3 +167,62 @@ def test_generate_samples_chains_from_one_prefill(variant):
         rest = _decode(model, cache, mask[b:b + 1], sampled[row:row + 1, :-1])
         torch.testing.assert_close(torch.cat([first[:, None], rest], dim=1), logits[row:row + 1],
                                    rtol=1e-4, atol=1e-4)
+
+
+@st.composite
+def _streams(draw):
+    """A prefill, then a random stream of appends (1-3 tokens, random decisions and pads) and
+    re-forks (random rows, repeats allowed)."""
+    S = draw(st.integers(1, 3))
+    steps = []
+    for _ in range(draw(st.integers(1, 12))):
+        if draw(st.integers(0, 4)) == 0:
+            steps.append(("select", draw(st.lists(st.integers(0, 63), min_size=1, max_size=4))))
+        else:
+            steps.append(("append", draw(st.integers(1, 3))))
+    return dict(S=S, window=draw(st.integers(0, 3)), page_size=draw(st.integers(1, 4)),
+                prompt=draw(st.integers(1, 12)), chains=draw(st.integers(2, 3)), steps=steps,
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+def _chunk(gen, S, T, D=4):
+    k, v = torch.randn(S, T, D, generator=gen), torch.randn(S, T, D, generator=gen)
+    decisions = torch.rand(S, T, generator=gen) < 0.6
+    valid = torch.rand(S, T, generator=gen) < 0.85
+    return k, v, decisions, valid
+
+
+@settings(max_examples=40, deadline=None)
+@given(_streams())
+def test_no_append_writes_a_shared_page(case):
+    """Copy-on-write fork vs copying fork under the same random stream: after every append no
+    shared page is writable (so no later append can reach one), pages shared before and after an
+    append are unchanged, and every sequence holds exactly what its private copy holds."""
+    gen = torch.Generator().manual_seed(case["seed"])
+    cow, copy = (DMSLayer(case["window"], case["page_size"]) for _ in range(2))
+    first = _chunk(gen, case["S"], case["prompt"])
+    for layer in (cow, copy):
+        layer.append(*first)
+    rows = torch.arange(case["S"]).repeat_interleave(case["chains"])
+    cow.take(rows, share=True)
+    copy.take(rows, share=False)
+    for kind, arg in case["steps"]:
+        if kind == "select":
+            pick = torch.tensor([i % cow.num_seqs for i in arg])
+            cow.take(pick, share=True)
+            copy.take(pick, share=False)
+            continue
+        before = cow.store.references() > 1
+        saved = cow.store.k_pages[before].clone(), cow.store.v_pages[before].clone()
+        chunk = _chunk(gen, cow.num_seqs, arg)
+        cow.append(*chunk)
+        copy.append(*chunk)
+        still = (cow.store.references() > 1)[: before.numel()][before]
+        assert torch.equal(cow.store.k_pages[: before.numel()][before][still], saved[0][still])
+        assert torch.equal(cow.store.v_pages[: before.numel()][before][still], saved[1][still])
+        assert not cow.store.shared_writable().any()
+        for name in ("seq_lens", "num_seen", "ring_slots", "ring_flags"):
+            assert torch.equal(getattr(cow.store, name), getattr(copy.store, name))
+        for a, b in zip(cow.store.dense(), copy.store.dense()):
+            assert torch.equal(a, b)
+        assert float(cow.store.held_slots().sum()) <= int(cow.store.seq_lens.sum())
