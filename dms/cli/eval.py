@@ -37,7 +37,8 @@ def add_common(p: argparse.ArgumentParser, samples: int, length: int, out: str) 
     p.add_argument("--seed", type=int, default=EVAL_SEED,
                    help=f"base seed: sample i of every task has seed SEED + i (default {EVAL_SEED}, held out: "
                         "no training path draws these seeds)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per generate call (vanilla and the baselines share its prompt forward)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=out, help="folder for results.json and accuracy_vs_compression.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

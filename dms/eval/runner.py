@@ -47,7 +47,7 @@ class EvalConfig:
     tasks: list[str]
     length: int = 256  # prompt tokens (raised to a task's minimum where needed)
     samples: int = 8
-    batch_size: int = 8
+    batch_size: int = 32
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     ratios: list[float] = field(default_factory=list)  # baselines' ratios with no DMS model
     page_size: int = 16
