@@ -16,8 +16,10 @@ method: K and V bytes of the tokens a chain's cache holds, summed over layers an
   step's append); a vanilla chain its prompt and generated tokens.
 - Fairness (the best a user could run with the plain model): vanilla's prompt cache is shared
   by its chains and counted once, in memory and in reads (prefix sharing as in vLLM, with a
-  shared-prefix attention kernel); DMS chains each hold and read their own copy of the
-  compressed prompt (its pages are copied at the fork: DMS writes may land in any live page).
+  shared-prefix attention kernel). DMS chains share the compressed prompt's pages
+  copy-on-write (DMSCache.fork): the pages of tokens kept for good count once in memory, the
+  window's pages are copied per chain at the first decode step; each DMS chain reads all of its
+  live slots, shared ones included (no shared-prefix kernel for DMS).
 
 Samples: sample i has seed ``seed + i`` (default ``EVAL_SEED``, held out: no training path
 draws it, see dms.eval.runner), drawn with the difficulty option set (``DIFFICULTY``).
@@ -41,8 +43,8 @@ CHAINS = (1, 2, 4, 8, 16)
 FAIRNESS = ("W = 1 decodes greedily; W > 1 samples every method at the same temperature and top-p "
             "and scores the majority answer (ties: the answer seen first in chain order). Each prompt is "
             "prefilled once and forked into its chains. Vanilla's prompt cache is shared by its chains and "
-            "counted once, in peak memory and in reads (prefix sharing); DMS chains each hold and read their "
-            "own compressed copy. Bytes: K and V of the tokens held, per prompt; reads summed over decode steps.")
+            "counted once, in peak memory and in reads (prefix sharing); DMS chains share the compressed prompt's "
+            "pages copy-on-write (counted once in memory) but each reads all its live slots. Bytes: K and V of the tokens held, per prompt; reads summed over decode steps.")
 _EXTRA_TOKENS = 4  # generated beyond the longest gold answer
 
 
@@ -135,7 +137,16 @@ class _Meter:
         self.cache = cache
 
     def held(self, generated: torch.Tensor) -> torch.Tensor:
-        """Bytes per chain [rows] (vanilla: generated tokens only; the prompt is counted apart)."""
+        """Bytes held per chain [rows] (vanilla: generated tokens only, the prompt is counted
+        apart; DMS: a slot in a page the chains share copy-on-write splits between them)."""
+        if self.dms:
+            slots = sum(layer.store.held_slots().view(-1, self.heads).sum(1) for layer in self.cache.layers)
+            return slots * self.token_bytes
+        return self.read(generated)
+
+    def read(self, generated: torch.Tensor) -> torch.Tensor:
+        """Bytes one decode step of each chain reads [rows] (vanilla: the prompt apart; DMS:
+        every live slot of the chain, shared or not)."""
         if self.dms:
             lens = sum(layer.store.seq_lens.double().view(-1, self.heads).sum(1) for layer in self.cache.layers)
             return lens * self.token_bytes
@@ -167,7 +178,7 @@ def run_batch(model, tokenizer, batch, make_cache, chains: int, config: Hypersca
     done = torch.zeros(rows, dtype=torch.bool)
     generated = torch.zeros(rows)
     held = meter.held(generated)
-    peak = max(peak, meter.shared() + float(held.sum()))  # DMS: a prompt copy per chain
+    peak = max(peak, meter.shared() + float(held.sum()))
     reads, out = 0.0, []
     for _ in range(gold + _EXTRA_TOKENS):
         tok = _pick(logits, chains == 1, config.temperature, config.top_p, gen)
@@ -183,7 +194,7 @@ def run_batch(model, tokenizer, batch, make_cache, chains: int, config: Hypersca
         generated += active
         held = torch.where(active, meter.held(generated), held)  # a finished chain stops growing
         peak = max(peak, meter.shared() + float(held.sum()))
-        reads += float(held[active].sum())
+        reads += float(meter.read(generated)[active].sum())
         if not meter.dms:  # each prompt with an unfinished chain reads its shared prefix once
             live = active.view(len(batch), chains).any(1)
             reads += float(meter.prompt[live].sum()) * len(cache.layers) * meter.heads * meter.token_bytes
