@@ -71,7 +71,7 @@ def _tie_hook(index: int, runtime):
 
 def shard_student(student: nn.Module, mesh, device: torch.device) -> None:
     """``student`` wraps the DMS model as ``student.model``; sharded in place."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from dms.models.patch import runtime
 
