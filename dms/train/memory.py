@@ -109,7 +109,7 @@ def plan(config, cfg, world: int = 1, device: str = "cpu", dense_teacher: bool |
     out = {"weights": student * pb / shards, "grads": trainable * pb / shards * (2 if sharding == "ddp" else 1),
            "optimizer": 2 * trainable * pb / shards, "teacher": base * pb / shards if full else 0.0}
     gathered = 0.0
-    if sharding == "fsdp" and world > 1:
+    if sharding == "fsdp":  # one process too: FSDP all-gathers into separate full buffers
         layer = s.layer_params(adapter)
         gathered = (s.root_params() + 2 * layer) * ab
         gathered += (layer + (s.root_params() if full else 0)) * ab if full else 0
