@@ -156,7 +156,7 @@ class FastDecoder:
         Hq, Hkv, D = self.Hq, self.Hkv, self.D
         S, G, H = B * Hkv, Hq // Hkv, Hq + Hkv
         base = self.model.model
-        h = base.embed_tokens(tokens)
+        h = F.embedding(tokens, base.embed_tokens.weight)
         cos, sin = base.rotary_emb(h, positions[:, None])  # [B, 1, D], broadcast over heads
         sin = sin * self.sign  # rotate_half(x) * sin == roll(x, D/2) * (sign * sin)
         per, a_scale, offset = self.alpha
