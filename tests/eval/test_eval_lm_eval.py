@@ -12,6 +12,7 @@ import torch
 from conftest import tiny_model_dir
 
 import dms
+from dms.compat import cache_kwargs
 
 
 def test_missing_lm_eval_says_what_to_install(monkeypatch):
@@ -64,7 +65,7 @@ def test_generate_until_decodes_with_a_dms_cache(lm):
                                                                          "do_sample": False}))])
     ctx = torch.tensor([lm.tok_encode(prompt)])
     with torch.no_grad():
-        ref = lm.model.generate(ctx, past_key_values=dms.DMSCache(lm.model), max_new_tokens=6, do_sample=False,
+        ref = lm.model.generate(ctx, **cache_kwargs(dms.DMSCache(lm.model)), max_new_tokens=6, do_sample=False,
                                 pad_token_id=lm.tokenizer.pad_token_id)
     expected = lm.tokenizer.decode(ref[0, ctx.shape[1]:]).split("?")[0]
     assert text == expected
