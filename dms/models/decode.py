@@ -66,6 +66,7 @@ class _Layer:
     gate_up: tuple | None
     qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's weight per q head, then k_norm's
     o_proj: tuple  # (weight, bias)
+    down: tuple  # (weight, bias)
     adapter: torch.nn.Module | None
 
 
@@ -113,6 +114,7 @@ class FastDecoder:
                     gate_up = (torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias([m.gate_proj, m.up_proj]))
                 self.layers.append(_Layer(a, m, l.input_layernorm.weight, l.post_attention_layernorm.weight, qkv,
                                           gate_up, qk_norm, (a.o_proj.weight, a.o_proj.bias),
+                                          (m.down_proj.weight, m.down_proj.bias),
                                           a.dms_adapter if self.adapter else None))
         self.fused = fuse
         self._source = _weights_version(model)
@@ -190,7 +192,7 @@ class FastDecoder:
             else:
                 gate, up = m.gate_proj(x), m.up_proj(x)
             act = F.silu(gate) if self.silu else m.act_fn(gate)
-            h = h + F.linear(act * up, m.down_proj.weight, m.down_proj.bias)
+            h = h + F.linear(act * up, *layer.down)
         return self.model.lm_head(_rms_norm(h, base.norm.weight, self.eps))
 
 
