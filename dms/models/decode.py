@@ -23,8 +23,10 @@ step by step (tests/models/test_fast_decode.py).
 Fusing copies the q/k/v and gate/up weights (about as many bytes again). The copy pays where
 per-op overhead is comparable to a matmul, i.e. small models; ``fuse=None`` (the default)
 fuses only while the copies stay under ``_FUSE_BYTES`` and otherwise multiplies by the
-model's own weights one projection at a time. torch.compile is not applied: the cache's
-append is host-side bookkeeping around a custom op, which would split every layer's graph.
+model's own weights one projection at a time. torch.compile is not applied: compiling
+``step`` (2026-12-01, the ``dms bench`` model at 4K, one thread) took 32 s for 12 graphs, split
+by the cache's host-side bookkeeping around each layer's append, and gave no faster step
+(6.5 vs 5.9 ms of CPU time).
 """
 from __future__ import annotations
 
