@@ -63,7 +63,8 @@ def plot(points: list[Point], path: str | Path, knob: str, title: str = "dms hyp
                 c = colors[i % len(colors)]
                 xs = [getattr(p, x) / _SCALE[x] for p in pts]
                 ax.errorbar(xs, [p.accuracy for p in pts], fmt="o", color=c, capsize=2, alpha=0.8, label=method,
-                            yerr=[[p.accuracy - p.ci_low for p in pts], [p.ci_high - p.accuracy for p in pts]])
+                            yerr=[[max(0.0, p.accuracy - p.ci_low) for p in pts],  # rounding may cross
+                                  [max(0.0, p.ci_high - p.accuracy) for p in pts]])
                 for p, xv in zip(pts, xs):
                     ax.annotate(f"{p.chains}", (xv, p.accuracy), fontsize=7, xytext=(3, 3), textcoords="offset points")
                 front = frontier(pts, x)  # drawn out to the method's largest configuration

@@ -137,3 +137,12 @@ def test_hyperscale_command_on_tiny_models(tiny, tmp_path, capsys):
     assert doc["meta"]["seed"] == EVAL_SEED and "counted once" in doc["meta"]["fairness"]
     assert "fairness:" in printed and "counted once" in printed
     assert (out / "hyperscale.png").stat().st_size > 10_000
+
+
+def test_plot_of_a_zero_accuracy_point(tmp_path):
+    """wilson(0, 24) puts the lower bound a rounding error above 0: the error bar is still drawn."""
+    from dms.eval.hyperscale_report import plot
+
+    pts = [Point("vanilla", 4, 1, accuracy=0.0, chain_accuracy=0.0, peak_bytes=10, read_bytes=20, seconds=0.0,
+                 samples=24), _pt("dms", 1, 5, 5, 1.0)]
+    assert plot(pts, tmp_path / "p.png", "terms").stat().st_size > 10_000
