@@ -180,11 +180,15 @@ class DMSAttention(nn.Module, AttentionLayerBase):
         self.kv_cache = kv_cache
         if not isinstance(kv_cache, torch.Tensor) or kv_cache.numel() == 0:
             return
-        if not kv_cache.is_contiguous():
-            raise RuntimeError("the DMS plugin needs each layer's KV cache in one contiguous piece; got a "
-                               f"strided view {tuple(kv_cache.shape)} (set VLLM_KV_CACHE_LAYOUT to a layer-major layout)")
+        # Only the bytes matter (the store lays out its own pages): any layer-compact layout
+        # is one dense region, whatever the order vLLM's view presents its axes in.
+        dense = kv_cache.permute(sorted(range(kv_cache.dim()), key=lambda d: -kv_cache.stride(d)))
+        if not dense.is_contiguous():
+            raise RuntimeError("the DMS plugin needs each layer's KV cache in one dense piece; got a view "
+                               f"{tuple(kv_cache.shape)} with strides {kv_cache.stride()} (set VLLM_KV_CACHE_LAYOUT "
+                               "to a layer-compact layout such as LBHNC)")
         block_size = kv_cache.shape[2]
-        pools = kv_cache.view(self.dtype).reshape(2, -1, block_size, self.head_size)
+        pools = dense.reshape(-1).view(self.dtype).view(2, -1, block_size, self.head_size)
         self.store = LayerStore(pools[0], pools[1], self.slots, self.num_kv_heads, self.window, self.max_tokens)
 
     # -- computation -------------------------------------------------------------------------
