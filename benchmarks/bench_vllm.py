@@ -53,8 +53,8 @@ def run(model_dir: Path, ids: list[list[int]], new_tokens: int, args) -> dict:
     preempted = []
     schedule = core.scheduler.schedule
 
-    def counting_schedule():
-        out = schedule()
+    def counting_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
         preempted.extend(out.preempted_req_ids or ())
         return out
 

@@ -20,7 +20,7 @@ from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata
 
 from dms.vllm.kv import USAGE, DMSAttentionSpec, Usage, register_spec
-from dms.vllm.store import LayerStore
+from dms.vllm.store import LayerStore, PagePool
 
 NEVER = torch.iinfo(torch.int64).max
 
@@ -144,24 +144,51 @@ class SlotTable:
 
     def report(self, plan: StepPlan, meta: DMSMetadata, stores: list[LayerStore]) -> None:
         """Tell the scheduler-side manager what the store holds for each request now."""
-        pages = torch.stack([s.pages_per_slot() for s in stores]).amax(0)[plan.slots].tolist()
+        pages = torch.stack([s.pages_per_slot() for s in stores]).sum(0)[plan.slots].tolist()
         qs = meta.query_start
         for i, key in enumerate(meta.keys):
             USAGE.by_key[key] = Usage(tokens=meta.num_computed[i] + qs[i + 1] - qs[i], pages=pages[i])
+
+
+def build_stores(layers: list["DMSAttention"], slots: int, max_tokens: int, page_size: int) -> None:
+    """Lay the memory vLLM bound to the layers out as one PagePool and give each layer its
+    LayerStore. Only the bytes matter: with a layer-compact layout (vLLM's default here) the
+    layers' regions are adjacent and together form one dense buffer."""
+    regions = []
+    for layer in layers:
+        kv = layer.kv_cache
+        dense = kv.permute(sorted(range(kv.dim()), key=lambda d: -kv.stride(d)))
+        if not dense.is_contiguous():
+            raise RuntimeError("the DMS plugin needs each layer's KV cache in one dense piece; got a view "
+                               f"{tuple(kv.shape)} with strides {kv.stride()} (set VLLM_KV_CACHE_LAYOUT to a "
+                               "layer-compact layout such as LBHNC)")
+        regions.append((kv.data_ptr(), kv.numel() * kv.element_size()))
+    regions.sort()
+    start, total = regions[0][0], sum(n for _, n in regions)
+    if any(a + n != b for (a, n), (b, _) in zip(regions, regions[1:])):
+        raise RuntimeError("the DMS plugin needs the layers' KV caches side by side in one allocation (a "
+                           "layer-compact VLLM_KV_CACHE_LAYOUT such as LBHNC)")
+    kv = layers[0].kv_cache
+    storage = kv.untyped_storage()
+    flat = torch.empty(0, dtype=torch.int8, device=kv.device).set_(storage, start - storage.data_ptr(), (total,))
+    D = layers[0].head_size
+    pages = flat.view(layers[0].dtype).view(2, -1, page_size, D)
+    pool = PagePool(pages[0], pages[1])
+    for layer in layers:
+        layer.store = LayerStore(pool, slots, layer.num_kv_heads, layer.window, max_tokens)
 
 
 class DMSAttention(nn.Module, AttentionLayerBase):
     """One DMS attention layer as vLLM sees it (KV cache spec, backend); holds no weights."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str, num_kv_heads: int, head_size: int, window: int,
-                 scale: float):
+                 scale: float, num_layers: int):
         super().__init__()
         self.layer_name = prefix
         self.num_kv_heads, self.head_size, self.window, self.scale = num_kv_heads, head_size, window, scale
+        self.num_layers = num_layers
         self.dtype = vllm_config.model_config.dtype
-        self.max_tokens = vllm_config.model_config.max_model_len
-        self.slots = vllm_config.scheduler_config.max_num_seqs
-        self.store: LayerStore | None = None
+        self.store: LayerStore | None = None  # set by the model once vLLM has bound the memory
         ctx = vllm_config.compilation_config.static_forward_context
         if prefix in ctx:
             raise ValueError(f"Duplicate layer name: {prefix}")
@@ -172,24 +199,13 @@ class DMSAttention(nn.Module, AttentionLayerBase):
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> DMSAttentionSpec:
         register_spec()
-        return DMSAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
-                                head_size=self.head_size, dtype=self.dtype)
+        block_size = vllm_config.cache_config.block_size
+        page = next(p for p in (16, 8, 4, 2, 1) if block_size % p == 0)
+        return DMSAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                                dtype=self.dtype, dms_page_size=page, dms_num_layers=self.num_layers)
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
-        """Lay the layer's share of vLLM's KV memory out as the store's K and V page pools."""
-        self.kv_cache = kv_cache
-        if not isinstance(kv_cache, torch.Tensor) or kv_cache.numel() == 0:
-            return
-        # Only the bytes matter (the store lays out its own pages): any layer-compact layout
-        # is one dense region, whatever the order vLLM's view presents its axes in.
-        dense = kv_cache.permute(sorted(range(kv_cache.dim()), key=lambda d: -kv_cache.stride(d)))
-        if not dense.is_contiguous():
-            raise RuntimeError("the DMS plugin needs each layer's KV cache in one dense piece; got a view "
-                               f"{tuple(kv_cache.shape)} with strides {kv_cache.stride()} (set VLLM_KV_CACHE_LAYOUT "
-                               "to a layer-compact layout such as LBHNC)")
-        block_size = kv_cache.shape[2]
-        pools = dense.reshape(-1).view(self.dtype).view(2, -1, block_size, self.head_size)
-        self.store = LayerStore(pools[0], pools[1], self.slots, self.num_kv_heads, self.window, self.max_tokens)
+        self.kv_cache = kv_cache  # the model lays the layers' memory out as one shared pool
 
     # -- computation -------------------------------------------------------------------------
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor,

@@ -4,18 +4,17 @@ vLLM's blocks belong to a request and are addressed by position, shared by every
 head, so per-head eviction cannot free them. The plugin keeps its own paged store
 (dms.vllm.store) in the memory vLLM allocated for the layers and uses vLLM's block pool only
 as the budget: one block of ``DMSAttentionSpec`` costs what one full-attention block costs
-(``block_size`` tokens x KV heads, K and V) and stands for ``n_kv_heads`` DMS pages of
-``block_size`` tokens in every layer. The physical pool of each layer has exactly
-``num_blocks * n_kv_heads`` pages.
+(``block_size`` tokens x KV heads x layers, K and V) and stands for the same bytes of store
+pages (``dms_page_size`` tokens each) in the pool all layers share.
 
-``DMSManager`` gives a request ``ceil(max over layers of its pages / n_kv_heads)`` real
-blocks plus, before a step, room for the step's new tokens in the worst case (every new
-token retained in every head: ``ceil(T / block_size)`` blocks), never more than a dense
-request would hold. After each step the store reports what it really holds on ``USAGE``
-and the manager returns the excess blocks to the pool (replaced by the null block, as the
+``DMSManager`` gives a request enough real blocks for the pages its store rows hold, plus,
+before a step, room for the step's new tokens in the worst case (every new token retained in
+every row: ``ceil(T / dms_page_size)`` more pages per row), never more than a dense request
+would hold. After each step the store reports what it really holds on ``USAGE`` and the
+manager returns the excess blocks to the pool (replaced by the null block, as the
 sliding-window manager does), so the scheduler admits requests against the retained KV.
-Since the sum of the budgets never exceeds the pool, the store's free list cannot run dry;
-when the budget cannot be met, vLLM preempts and recomputes as it does for full attention.
+Since the budgets never exceed the pool, the store's free list cannot run dry; when a budget
+cannot be met, vLLM preempts and recomputes as it does for full attention.
 
 ``USAGE`` is a process-wide board keyed by the id of a request's first block (the only
 block never returned early, and the only request identity the worker's attention sees).
@@ -26,8 +25,6 @@ reason (docs/vllm.md says what vLLM would need for it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import ceil
-
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -36,7 +33,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 @dataclass
 class Usage:
     tokens: int = 0  # tokens the store has taken for the request
-    pages: int = 0  # max over layers of the pages held (all KV heads)
+    pages: int = 0  # store pages held (all layers and KV heads)
 
 
 class UsageBoard:
@@ -56,8 +53,26 @@ USAGE = UsageBoard()
 
 @dataclass(frozen=True, kw_only=True)
 class DMSAttentionSpec(FullAttentionSpec):
-    """Full-attention sizing (a request may keep every token in the worst case); only the
-    manager differs."""
+    """Full-attention sizing (a request may keep every token in the worst case); the manager
+    differs. ``dms_page_size`` tokens per store page (a divisor of block_size: small pages keep
+    the rounding of each (request, layer, head) row small); ``dms_num_layers`` layers share
+    the store's pool."""
+
+    dms_page_size: int = 16
+    dms_num_layers: int = 1
+
+    @classmethod
+    def merge(cls, specs: list["DMSAttentionSpec"]) -> "DMSAttentionSpec":
+        # FullAttentionSpec.merge rebuilds the spec from its own fields only (the DMS ones would
+        # fall back to their defaults); every DMS layer has the same spec.
+        if any(s != specs[0] for s in specs[1:]):
+            raise ValueError(f"DMS layers of one model must share one KV cache spec, got {set(specs)}")
+        return specs[0]
+
+    @property
+    def dms_pages_per_block(self) -> int:
+        """Store pages one block of the budget stands for (every layer, every KV head)."""
+        return self.num_kv_heads * (self.block_size // self.dms_page_size) * self.dms_num_layers
 
 
 class DMSManager(FullAttentionManager):
@@ -65,7 +80,9 @@ class DMSManager(FullAttentionManager):
 
     def __init__(self, kv_cache_spec: DMSAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
-        self.pages_per_block = kv_cache_spec.num_kv_heads
+        self.pages_per_block = kv_cache_spec.dms_pages_per_block
+        self.rows = kv_cache_spec.num_kv_heads * kv_cache_spec.dms_num_layers  # store rows per request
+        self.page_size = kv_cache_spec.dms_page_size
         self.board = USAGE
 
     def _usage(self, request_id: str) -> Usage:
@@ -78,9 +95,9 @@ class DMSManager(FullAttentionManager):
         """Real blocks the request needs for ``num_tokens`` tokens: what its store rows hold
         now plus the worst case of the tokens not yet taken, capped by the dense count."""
         use = self._usage(request_id)
-        new = max(0, num_tokens - use.tokens)
-        held = ceil(use.pages / self.pages_per_block)
-        return min(cdiv(num_tokens, self.block_size), max(1, held + cdiv(new, self.block_size)))
+        # T more tokens add at most ceil(T / page_size) pages to each row.
+        worst = use.pages + self.rows * cdiv(max(0, num_tokens - use.tokens), self.page_size)
+        return min(cdiv(num_tokens, self.block_size), max(1, cdiv(worst, self.pages_per_block)))
 
     def _real(self, request_id: str) -> int:
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
@@ -116,7 +133,7 @@ class DMSManager(FullAttentionManager):
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
             return
-        keep = max(1, ceil(self._usage(request_id).pages / self.pages_per_block))
+        keep = max(1, cdiv(self._usage(request_id).pages, self.pages_per_block))
         excess = self._real(request_id) - keep
         freed = []
         for i in range(len(blocks) - 1, 0, -1):

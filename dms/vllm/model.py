@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dms.config import DMSConfig
-from dms.vllm.attention import DMSAttention, SlotTable
+from dms.vllm.attention import DMSAttention, SlotTable, build_stores
 
 ARCHITECTURES = {  # HF architecture -> (vLLM module, class); the model types dms supports
     "LlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
@@ -85,6 +85,7 @@ class DMSForCausalLM(nn.Module):
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         check_supported(vllm_config)
+        self.vllm_config = vllm_config
         config = vllm_config.model_config.hf_config
         self.config = config
         self.dms = DMSConfig.from_model_config(config)
@@ -107,9 +108,12 @@ class DMSForCausalLM(nn.Module):
             self.neuron_heads = [0] if self.dms.dms_alpha_per == "layer" else [h * group for h in range(H)]
         self.attn = nn.ModuleList(
             DMSAttention(vllm_config=vllm_config, prefix=f"{prefix}.dms_attn.{i}" if prefix else f"dms_attn.{i}",
-                         num_kv_heads=H, head_size=self.head_dim, window=self.dms.window, scale=self.scale)
+                         num_kv_heads=H, head_size=self.head_dim, window=self.dms.window, scale=self.scale,
+                         num_layers=config.num_hidden_layers)
             for i in range(config.num_hidden_layers))
         self.slots = SlotTable(vllm_config.scheduler_config.max_num_seqs)
+        self.max_tokens = vllm_config.model_config.max_model_len
+        self._bound: tuple | None = None  # data pointers of the KV memory the stores were built on
 
     # -- vLLM model interface -----------------------------------------------------------------
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -127,8 +131,8 @@ class DMSForCausalLM(nn.Module):
         meta = get_forward_context().attn_metadata
         if isinstance(meta, dict):
             meta = meta.get(self.attn[0].layer_name)
-        stores = [a.store for a in self.attn]
-        plan = self.slots.plan(meta, stores, h.device) if meta is not None and stores[0] is not None else None
+        stores = self._stores()
+        plan = self.slots.plan(meta, stores, h.device) if meta is not None and stores else None
         for layer, attn in zip(self.model.layers, self.attn):
             residual = h
             x = self._attention(layer.self_attn, attn, layer.input_layernorm(h), residual, cos, sin, plan)
@@ -138,6 +142,18 @@ class DMSForCausalLM(nn.Module):
         if plan is not None:
             self.slots.report(plan, meta, stores)
         return self.model.norm(h)[0]
+
+    def _stores(self) -> list | None:
+        kvs = [getattr(a, "kv_cache", None) for a in self.attn]
+        if any(not isinstance(kv, torch.Tensor) or kv.numel() == 0 for kv in kvs):
+            return None  # before vLLM allocated the KV memory (profiling)
+        key = tuple(kv.data_ptr() for kv in kvs)
+        if key != self._bound:
+            spec = self.attn[0].get_kv_cache_spec(self.vllm_config)
+            build_stores(list(self.attn), self.slots.capacity, self.max_tokens, spec.dms_page_size)
+            self.slots = SlotTable(self.slots.capacity)
+            self._bound = key
+        return [a.store for a in self.attn]
 
     def _attention(self, mod, attn: DMSAttention, x, residual, cos, sin, plan):
         """The transformers attention module's projections around the DMS store."""

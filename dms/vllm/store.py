@@ -16,14 +16,28 @@ import torch
 from dms._ops import ops
 
 
-class LayerStore:
-    """Paged store of ``slots * n_kv_heads`` sequences; sequence of (slot r, head h) = r * H + h."""
+class PagePool:
+    """K and V pages [P, page_size, D] and their free list, shared by the layers of a model: a
+    layer that retains little leaves pages to one that retains much."""
 
-    def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor, slots: int, n_kv_heads: int,
-                 window: int, max_tokens: int):
-        P, page_size, D = k_pages.shape
-        dev = k_pages.device
+    def __init__(self, k_pages: torch.Tensor, v_pages: torch.Tensor):
+        P = k_pages.shape[0]
         self.k_pages, self.v_pages = k_pages, v_pages
+        # The op pops from the top: low ids first, so a fresh pool fills from page 0.
+        self.free_pages = torch.arange(P - 1, -1, -1, dtype=torch.int32, device=k_pages.device)
+        self.free_top = torch.full((1,), P, dtype=torch.int32, device=k_pages.device)
+
+
+class LayerStore:
+    """Paged store of one layer: ``slots * n_kv_heads`` sequences (sequence of slot r, head h is
+    r * H + h) whose pages come from a shared PagePool."""
+
+    def __init__(self, pool: PagePool, slots: int, n_kv_heads: int, window: int, max_tokens: int):
+        k_pages = pool.k_pages
+        _, page_size, D = k_pages.shape
+        dev = k_pages.device
+        self.pool = pool
+        self.k_pages, self.v_pages = k_pages, pool.v_pages
         self.page_size, self.n_kv_heads, self.window = page_size, n_kv_heads, window
         S = slots * n_kv_heads
         self.block_table = torch.full((S, math.ceil(max_tokens / page_size) + 1), -1, dtype=torch.int32, device=dev)
@@ -31,9 +45,6 @@ class LayerStore:
         self.num_seen = torch.zeros(S, dtype=torch.int32, device=dev)
         self.ring_slots = torch.zeros(S, window + 1, dtype=torch.int32, device=dev)
         self.ring_flags = torch.zeros(S, window + 1, dtype=torch.bool, device=dev)
-        # The op pops from the top: low ids first, so a fresh pool fills from page 0.
-        self.free_pages = torch.arange(P - 1, -1, -1, dtype=torch.int32, device=dev)
-        self.free_top = torch.full((1,), P, dtype=torch.int32, device=dev)
 
     def rows(self, slots: torch.Tensor) -> torch.Tensor:
         """int64 [R * H] sequence rows of request slots [R], slot-major."""
@@ -50,9 +61,10 @@ class LayerStore:
         n_pages = (self.seq_lens[rows].long() + self.page_size - 1) // self.page_size
         live = torch.arange(used, device=table.device)[None, :] < n_pages[:, None]
         freed = table[live]
-        top = int(self.free_top[0])
-        self.free_pages[top: top + freed.numel()] = freed
-        self.free_top.fill_(top + freed.numel())
+        pool = self.pool
+        top = int(pool.free_top[0])
+        pool.free_pages[top: top + freed.numel()] = freed
+        pool.free_top.fill_(top + freed.numel())
         self.block_table[rows] = -1
         self.seq_lens[rows] = 0
         self.num_seen[rows] = 0
@@ -63,9 +75,10 @@ class LayerStore:
         """Feed k, v [R, T, D] (decisions, valid bool [R, T]) to sequence ``rows`` [R] in one op call.
         The op works on whole index tensors: it gets the rows' slices and they are written back."""
         meta = [t[rows] for t in (self.block_table, self.seq_lens, self.num_seen, self.ring_slots, self.ring_flags)]
-        ops.append(self.k_pages, self.v_pages, *meta, self.free_pages, self.free_top, k, v, decisions, valid)
-        if int(self.free_top[0]) < 0:  # the CUDA kernel cannot raise: it reports and writes nothing
-            raise RuntimeError(f"DMS page pool exhausted (free_top={int(self.free_top[0])}); the KV manager's "
+        pool = self.pool
+        ops.append(self.k_pages, self.v_pages, *meta, pool.free_pages, pool.free_top, k, v, decisions, valid)
+        if int(pool.free_top[0]) < 0:  # the CUDA kernel cannot raise: it reports and writes nothing
+            raise RuntimeError(f"DMS page pool exhausted (free_top={int(pool.free_top[0])}); the KV manager's "
                                "admission should have prevented this")
         for t, m in zip((self.block_table, self.seq_lens, self.num_seen, self.ring_slots, self.ring_flags), meta):
             t[rows] = m

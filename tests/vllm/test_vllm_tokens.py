@@ -82,22 +82,51 @@ def test_aborts_free_pages_and_leave_others_intact(served, tokenizer):
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_preemption_under_small_pool(name, tokenizer):
-    """A pool of a few blocks: vLLM preempts and recomputes; tokens stay exact."""
+def test_preemption_when_the_pool_runs_dry(name, tokenizer):
+    """Mid-run, all free blocks are taken away (as if other requests held them): the running
+    requests cannot grow, vLLM preempts some and recomputes them once blocks are back; the
+    tokens stay exact. (A small pool alone rarely forces it: a DMS request's blocks grow
+    slowly, so the scheduler just admits fewer requests.) Blocks of 16 tokens, so a block is
+    a few store pages and requests cross block boundaries often."""
+    from vllm import SamplingParams
+
     model = ASSETS / name
+    llm = make_llm(model, block_size=16)
     ids = prompt_ids(tokenizer)
-    llm = make_llm(model, kv_cache_memory_bytes=1 << 20, block_size=16)
+    engine = llm.llm_engine
     core = _engine(llm)
+    pool = core.scheduler.kv_cache_manager.block_pool
     preempted = []
     schedule = core.scheduler.schedule
 
-    def counting_schedule():
-        out = schedule()
-        preempted.extend(getattr(out, "preempted_req_ids", None) or ())
+    def counting_schedule(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        preempted.extend(out.preempted_req_ids or ())
         return out
 
     core.scheduler.schedule = counting_schedule
-    got = vllm_greedy(llm, ids, 48)
-    assert got == reference_greedy(model, ids, 48)
-    assert preempted, "the pool was large enough that nothing was preempted: the test would prove nothing"
+    sp = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    for n, i in enumerate(ids):
+        engine.add_request(str(n), {"prompt_token_ids": i}, sp)
+    done = {}
+
+    def step():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+
+    for _ in range(6):
+        step()
+    taken = []
+    for _ in range(20):  # until a request needs a block more than it has
+        taken += pool.get_new_blocks(pool.get_num_free_blocks())
+        step()
+        if preempted:
+            break
+    pool.free_blocks(taken)
+    while engine.has_unfinished_requests():
+        step()
+    core.scheduler.schedule = schedule
+    assert preempted, "nothing was preempted: the test would prove nothing"
+    assert [done[str(n)] for n in range(len(ids))] == reference_greedy(model, ids, 40)
     _assert_all_pages_back(llm)
