@@ -1,5 +1,6 @@
-"""`vllm serve DIR` with the plugin: an OpenAI-compatible server on loopback answers N
-concurrent completion requests, each with the greedy tokens of the transformers path."""
+"""`python -m dms.vllm.serve DIR` (vLLM's server, what `vllm serve DIR` runs) with the plugin:
+the OpenAI-compatible server on loopback answers N concurrent completion requests, each with
+the greedy tokens of the transformers path."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,6 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 from conftest import ASSETS, prompt_ids, reference_greedy
@@ -27,7 +27,7 @@ def _free_port() -> int:
 def server(tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(ASSETS / "dms-8x"), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "dms.vllm.serve", str(ASSETS / "dms-8x"), "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--max-model-len", "1024", "--enforce-eager",
            "--kv-cache-memory-bytes", str(32 << 20), "--max-num-batched-tokens", "128", "--max-num-seqs", "16"]
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1")
