@@ -104,19 +104,20 @@ class SlotTable:
         self.by_key: dict[int, int] = {}
         self.free = list(range(slots - 1, -1, -1))
 
-    def plan(self, meta: DMSMetadata, stores: list[LayerStore], device) -> StepPlan:
-        # Requests that finished, were preempted or aborted since the last step.
+    def release(self, stores: list[LayerStore], keys=()) -> None:
+        """Empty the rows of requests that finished, were preempted or aborted since the last
+        step (the manager's notices), and of ``keys``; their pages go back to the pool."""
         released, USAGE.released[:] = list(USAGE.released), []
-        gone = [self.by_key.pop(k) for k in released if k in self.by_key]
-        # A request starting at token 0 is new or recomputed after preemption: fresh rows.
-        for key, done in zip(meta.keys, meta.num_computed):
-            if done == 0 and key in self.by_key:
-                gone.append(self.by_key.pop(key))
+        gone = [self.by_key.pop(k) for k in [*released, *keys] if k in self.by_key]
         if gone:
-            t = torch.tensor(gone, dtype=torch.long, device=device)
+            t = torch.tensor(gone, dtype=torch.long, device=stores[0].k_pages.device)
             for s in stores:
                 s.release(t)
             self.free.extend(gone)
+
+    def plan(self, meta: DMSMetadata, stores: list[LayerStore], device) -> StepPlan:
+        # A request starting at token 0 is new or recomputed after preemption: fresh rows.
+        self.release(stores, [k for k, done in zip(meta.keys, meta.num_computed) if done == 0])
         slots = []
         for key, done in zip(meta.keys, meta.num_computed):
             if key not in self.by_key:

@@ -4,6 +4,7 @@ concurrent requests, preemption under a small pool, and aborts; pages go back to
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import ASSETS, PROMPTS, make_llm, prompt_ids, reference_greedy, vllm_greedy
 
 MODELS = ["dms-4x", "dms-8x"]
@@ -18,17 +19,19 @@ def _dms_model(llm):
 
 
 def _assert_all_pages_back(llm):
-    """Every request is done: the store rows are empty once their release is applied, and the
-    budget blocks are all free."""
-    from dms.vllm.kv import USAGE
-
+    """Every request is done: once the pending releases are applied (at the next step, or here)
+    the store holds nothing and every page is on the free list; every budget block is free."""
     model = _dms_model(llm)
-    core = _engine(llm)
-    pool = core.scheduler.kv_cache_manager.block_pool
+    pool = _engine(llm).scheduler.kv_cache_manager.block_pool
     assert pool.get_num_free_blocks() == pool.num_gpu_blocks - 1  # all but the null block
-    released = list(USAGE.released)
-    held = [key for key in model.slots.by_key if key not in released]
-    assert held == []
+    stores = [a.store for a in model.attn]
+    with torch.inference_mode():  # the store tensors are inference tensors
+        model.slots.release(stores)
+    assert model.slots.by_key == {}
+    assert all(int(s.seq_lens.sum()) == 0 and int(s.block_table.max()) == -1 for s in stores)
+    pages = stores[0].pool
+    assert int(pages.free_top[0]) == pages.k_pages.shape[0]
+    assert sorted(pages.free_pages.tolist()) == list(range(pages.k_pages.shape[0]))
 
 
 @pytest.fixture(scope="module", params=MODELS)
