@@ -4,7 +4,7 @@ vLLM calls ``register`` in each of its processes through the ``vllm.general_plug
 entry point of this package. It registers, under the architecture names dms supports, model
 classes that build the DMS model for configs with ``dms_*`` keys and vLLM's own model
 otherwise, and makes prefix caching default to off for DMS checkpoints (turning it on
-explicitly is refused at start-up, dms.vllm.model.check_supported).
+explicitly is refused at start-up, dms.vllm.model.refuse_unsupported).
 """
 from __future__ import annotations
 

@@ -33,7 +33,9 @@ class DMSMetadata:
 
 
 class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
-    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+    """What the DMS layers need of vLLM's per-step metadata (all on the host)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,

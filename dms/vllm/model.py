@@ -57,7 +57,7 @@ class _Adapter(nn.Module):
         nn.init.zeros_(self.proj.bias)  # reference checkpoints without attention_bias have no bias
 
 
-def check_supported(vllm_config) -> None:
+def refuse_unsupported(vllm_config) -> None:
     """Refuse at start-up what the DMS store cannot combine with, naming the option."""
     c = vllm_config
     if c.cache_config.enable_prefix_caching:
@@ -84,15 +84,12 @@ class DMSForCausalLM(nn.Module):
         super().__init__()
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        check_supported(vllm_config)
+        refuse_unsupported(vllm_config)
         self.vllm_config = vllm_config
         config = vllm_config.model_config.hf_config
         self.config = config
         self.dms = DMSConfig.from_model_config(config)
-        if config.to_dict().get("dms_disable_eviction"):
-            self.dms_off = True
-        else:
-            self.dms_off = False
+        self.dms_off = bool(config.to_dict().get("dms_disable_eviction"))  # the reference's "run as vanilla"
         hf = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
         self.model, self.lm_head = hf.model, hf.lm_head
         self.rope = sys.modules[type(hf).__module__].apply_rotary_pos_emb

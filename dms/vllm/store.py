@@ -1,11 +1,12 @@
-"""The plugin's DMS paged store: one per attention layer, rows = (request slot, KV head).
+"""The plugin's DMS paged store: rows = (request slot, KV head) in each layer, pages from one
+pool shared by the layers.
 
 Tensor names and layout follow csrc/torch_bindings.cpp (docs/design.md §2); the store is
-written only by ``torch.ops.dms.append`` and read by ``paged_decode_attention``. The page
-pool is a view of the memory vLLM allocated for the layer (``DMSAttentionSpec``), so it is a
-hard cap: the scheduler-side manager (dms.vllm.kv_manager) admits requests so that the pages
-popped by a step always fit, and a row's pages go back to the free list the step after its
-request finishes, is preempted or aborted.
+written only by ``torch.ops.dms.append`` and read by ``paged_decode_attention``. The pool is
+laid out in the memory vLLM allocated for the layers' KV cache (dms.vllm.attention.build_stores),
+so it is a hard cap: the scheduler-side manager (dms.vllm.kv) admits requests so that the
+pages a step pops always fit, and a request's rows are emptied (pages back on the free list)
+the step after it finishes, is preempted or aborted.
 """
 from __future__ import annotations
 

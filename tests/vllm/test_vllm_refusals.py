@@ -25,7 +25,7 @@ def test_refused_at_startup(option, overrides):
     run = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode != 0, "the engine started"
-    assert f"ValueError: DMS checkpoints cannot use" in run.stderr and option in run.stderr, run.stderr[-3000:]
+    assert "ValueError: DMS checkpoints cannot use" in run.stderr and option in run.stderr, run.stderr[-3000:]
 
 
 def test_plain_checkpoint_keeps_the_stock_model():
