@@ -92,6 +92,12 @@ class DMSForCausalLM(nn.Module):
         self.dms_off = bool(config.to_dict().get("dms_disable_eviction"))  # the reference's "run as vanilla"
         hf = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
         self.model, self.lm_head = hf.model, hf.lm_head
+        windowed = [i for i, layer in enumerate(self.model.layers)
+                    if getattr(layer.self_attn, "sliding_window", None) is not None
+                    or (config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None)]
+        if windowed:
+            raise ValueError(f"layers {windowed} use sliding-window attention, which DMS does not combine with "
+                             "eviction; serve the checkpoint with sliding_window set to null in config.json")
         self.rope = sys.modules[type(hf).__module__].apply_rotary_pos_emb
         H, Hq = config.num_key_value_heads, config.num_attention_heads
         first = self.model.layers[0].self_attn
