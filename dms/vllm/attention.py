@@ -1,0 +1,263 @@
+"""DMS attention inside vLLM: the per-step plan shared by the layers, the attention layer
+registered with vLLM (its KV cache spec, backend and metadata), and the computation on the
+store through ``torch.ops.dms``.
+
+Per layer and step: every prefill chunk attends the live slots of its rows (read before the
+step's append) plus its own tokens with DMS visibility (docs/design.md §1); then one
+``dms.append`` call feeds the step's tokens of every request; then one
+``paged_decode_attention`` call serves every request that decodes one token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata
+
+from dms.vllm.kv import USAGE, DMSAttentionSpec, Usage, register_spec
+from dms.vllm.store import LayerStore, PagePool
+
+NEVER = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class DMSMetadata:
+    keys: list[int]  # first block id of each request: its identity (dms.vllm.kv)
+    query_start: list[int]  # [R + 1]
+    num_computed: list[int]  # tokens of each request already in the store
+
+
+class DMSMetadataBuilder(AttentionMetadataBuilder[DMSMetadata]):
+    """What the DMS layers need of vLLM's per-step metadata (all on the host)."""
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in vLLM
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> DMSMetadata:
+        m = common_attn_metadata
+        R = m.num_reqs
+        qsl = m.query_start_loc_cpu[: R + 1].tolist()
+        seq_lens = m.seq_lens.cpu()[:R].tolist()
+        keys = m.block_table_tensor[:R, 0].cpu().tolist()
+        computed = [s - (b - a) for s, a, b in zip(seq_lens, qsl[:-1], qsl[1:])]
+        return DMSMetadata(keys=keys, query_start=qsl, num_computed=computed)
+
+
+class DMSImpl(AttentionImpl):
+    """Unused: DMS layers compute in DMSAttention.forward (vLLM asks the backend for one)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError("DMS attention runs in dms.vllm.attention.DMSAttention.forward")
+
+
+class DMSBackend(AttentionBackend):
+    accept_output_buffer = False
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return DMSImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return DMSMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return []  # any
+
+
+@dataclass
+class StepPlan:
+    """Where each request of the step sits in the store, and how its tokens are laid out."""
+
+    slots: torch.Tensor  # int64 [R]
+    query_start: list[int]
+    num_computed: list[int]
+    gather: torch.Tensor  # int64 [R, Tmax] flat token index (clamped), for the padded append
+    valid: torch.Tensor  # bool [R, Tmax]
+    decode: torch.Tensor  # int64 [Rd] batch indices of one-token requests
+    decode_tokens: torch.Tensor  # int64 [Rd] their flat token index
+    prefill: list[int]  # batch indices of the others
+
+
+class SlotTable:
+    """Request key -> store slot, shared by the layers of one model."""
+
+    def __init__(self, slots: int):
+        self.capacity = slots
+        self.by_key: dict[int, int] = {}
+        self.free = list(range(slots - 1, -1, -1))
+
+    def release(self, stores: list[LayerStore], keys=()) -> None:
+        """Empty the rows of requests that finished, were preempted or aborted since the last
+        step (the manager's notices), and of ``keys``; their pages go back to the pool."""
+        released, USAGE.released[:] = list(USAGE.released), []
+        gone = [self.by_key.pop(k) for k in [*released, *keys] if k in self.by_key]
+        if gone:
+            t = torch.tensor(gone, dtype=torch.long, device=stores[0].k_pages.device)
+            for s in stores:
+                s.release(t)
+            self.free.extend(gone)
+
+    def plan(self, meta: DMSMetadata, stores: list[LayerStore], device) -> StepPlan:
+        # A request starting at token 0 is new or recomputed after preemption: fresh rows.
+        self.release(stores, [k for k, done in zip(meta.keys, meta.num_computed) if done == 0])
+        slots = []
+        for key, done in zip(meta.keys, meta.num_computed):
+            if key not in self.by_key:
+                if done != 0:
+                    raise RuntimeError(
+                        f"DMS store has no rows for a request that resumes at token {done}: its first "
+                        "tokens were computed elsewhere (prefix caching, KV transfer), which DMS cannot use")
+                if not self.free:
+                    raise RuntimeError(f"more running requests than the DMS store's {self.capacity} slots "
+                                       "(max_num_seqs)")
+                self.by_key[key] = self.free.pop()
+            slots.append(self.by_key[key])
+        qs = meta.query_start
+        lens = [b - a for a, b in zip(qs[:-1], qs[1:])]
+        T = max(lens)
+        start = torch.tensor(qs[:-1], dtype=torch.long)
+        t = torch.arange(T, dtype=torch.long)
+        valid = t[None, :] < torch.tensor(lens)[:, None]
+        gather = torch.where(valid, start[:, None] + t[None, :], torch.zeros_like(valid, dtype=torch.long))
+        dec = [i for i, n in enumerate(lens) if n == 1]
+        return StepPlan(torch.tensor(slots, dtype=torch.long, device=device), qs, meta.num_computed,
+                        gather.to(device), valid.to(device), torch.tensor(dec, dtype=torch.long, device=device),
+                        torch.tensor([qs[i] for i in dec], dtype=torch.long, device=device),
+                        [i for i, n in enumerate(lens) if n != 1])
+
+    def report(self, plan: StepPlan, meta: DMSMetadata, stores: list[LayerStore]) -> None:
+        """Tell the scheduler-side manager what the store holds for each request now."""
+        pages = torch.stack([s.pages_per_slot() for s in stores]).sum(0)[plan.slots].tolist()
+        qs = meta.query_start
+        for i, key in enumerate(meta.keys):
+            USAGE.by_key[key] = Usage(tokens=meta.num_computed[i] + qs[i + 1] - qs[i], pages=pages[i])
+
+
+def build_stores(layers: list["DMSAttention"], slots: int, max_tokens: int, page_size: int) -> None:
+    """Lay the memory vLLM bound to the layers out as one PagePool and give each layer its
+    LayerStore. Only the bytes matter: with a layer-compact layout (vLLM's default here) the
+    layers' regions are adjacent and together form one dense buffer."""
+    regions = []
+    for layer in layers:
+        kv = layer.kv_cache
+        dense = kv.permute(sorted(range(kv.dim()), key=lambda d: -kv.stride(d)))
+        if not dense.is_contiguous():
+            raise RuntimeError("the DMS plugin needs each layer's KV cache in one dense piece; got a view "
+                               f"{tuple(kv.shape)} with strides {kv.stride()} (set VLLM_KV_CACHE_LAYOUT to a "
+                               "layer-compact layout such as LBHNC)")
+        regions.append((kv.data_ptr(), kv.numel() * kv.element_size()))
+    regions.sort()
+    start, total = regions[0][0], sum(n for _, n in regions)
+    if any(a + n != b for (a, n), (b, _) in zip(regions, regions[1:])):
+        raise RuntimeError("the DMS plugin needs the layers' KV caches side by side in one allocation (a "
+                           "layer-compact VLLM_KV_CACHE_LAYOUT such as LBHNC)")
+    kv = layers[0].kv_cache
+    storage = kv.untyped_storage()
+    flat = torch.empty(0, dtype=torch.int8, device=kv.device).set_(storage, start - storage.data_ptr(), (total,))
+    D = layers[0].head_size
+    pages = flat.view(layers[0].dtype).view(2, -1, page_size, D)
+    pool = PagePool(pages[0], pages[1])
+    for layer in layers:
+        layer.store = LayerStore(pool, slots, layer.num_kv_heads, layer.window, max_tokens)
+
+
+class DMSAttention(nn.Module, AttentionLayerBase):
+    """One DMS attention layer as vLLM sees it (KV cache spec, backend); holds no weights."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, num_kv_heads: int, head_size: int, window: int,
+                 scale: float, num_layers: int):
+        super().__init__()
+        self.layer_name = prefix
+        self.num_kv_heads, self.head_size, self.window, self.scale = num_kv_heads, head_size, window, scale
+        self.num_layers = num_layers
+        self.dtype = vllm_config.model_config.dtype
+        self.store: LayerStore | None = None  # set by the model once vLLM has bound the memory
+        ctx = vllm_config.compilation_config.static_forward_context
+        if prefix in ctx:
+            raise ValueError(f"Duplicate layer name: {prefix}")
+        ctx[prefix] = self
+
+    def get_attn_backend(self) -> type[AttentionBackend]:
+        return DMSBackend
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> DMSAttentionSpec:
+        register_spec()
+        block_size = vllm_config.cache_config.block_size
+        page = next(p for p in (16, 8, 4, 2, 1) if block_size % p == 0)
+        return DMSAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
+                                dtype=self.dtype, dms_page_size=page, dms_num_layers=self.num_layers)
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache  # the model lays the layers' memory out as one shared pool
+
+    # -- computation -------------------------------------------------------------------------
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, decisions: torch.Tensor,
+                plan: StepPlan | None) -> torch.Tensor:
+        """q [N, Hq, D], k/v [N, H, D] post-RoPE, decisions bool [N, H] -> [N, Hq, D]."""
+        N, Hq, D = q.shape
+        H = self.num_kv_heads
+        G = Hq // H
+        if plan is None or self.store is None:  # a profiling / warm-up run: no requests
+            return torch.zeros_like(q)
+        store = self.store
+        out = torch.zeros_like(q)
+        for i in plan.prefill:  # each chunk reads the store before this step's append
+            a, b = plan.query_start[i], plan.query_start[i + 1]
+            rows = store.rows(plan.slots[i: i + 1])
+            out[a:b] = self._prefill(store, rows, q[a:b], k[a:b], v[a:b], decisions[a:b], plan.num_computed[i])
+        rows = store.rows(plan.slots)
+        g = plan.gather
+        kp = k[g].transpose(1, 2).reshape(-1, g.shape[1], D)  # [R*H, T, D]
+        vp = v[g].transpose(1, 2).reshape(-1, g.shape[1], D)
+        dp = decisions[g].transpose(1, 2).reshape(-1, g.shape[1])
+        valid = plan.valid[:, None, :].expand(-1, H, -1).reshape(-1, g.shape[1])
+        store.append(rows, kp.contiguous(), vp.contiguous(), dp.contiguous(), valid.contiguous())
+        if plan.decode.numel():
+            qd = q[plan.decode_tokens].reshape(-1, G, D)  # [Rd*H, G, D]
+            od = store.decode(qd, store.rows(plan.slots[plan.decode]), self.scale)
+            out[plan.decode_tokens] = od.reshape(-1, Hq, D)
+        return out
+
+    def _prefill(self, store: LayerStore, rows, q, k, v, decisions, n0: int) -> torch.Tensor:
+        """One request's chunk of T tokens (indices n0 .. n0+T-1) over its live slots and itself."""
+        T, Hq, D = q.shape
+        H = self.num_kv_heads
+        keys, values, last, newest, _ = store.live_view(rows)  # [H, L, D], last [H, L]
+        dec = decisions.T  # [H, T]
+        idx = n0 + torch.arange(T, device=q.device)
+        # Flag of token t = decision of token t + 1; the chunk's last token is not flagged yet.
+        flag = torch.cat([dec[:, 1:], torch.zeros_like(dec[:, :1])], dim=1)
+        last_new = torch.where(flag, idx[None, :] + self.window, torch.full_like(flag, NEVER, dtype=torch.long))
+        if keys.shape[1]:
+            # The newest stored token is flagged by the chunk's first decision.
+            has = dec[:, 0] & (newest >= 0)
+            h = torch.nonzero(has).flatten()
+            last[h, newest[h]] = n0 - 1 + self.window
+        ks = torch.cat([keys, k.transpose(0, 1)], dim=1)[:, None]  # [H, 1, L+T, D]
+        vs = torch.cat([values, v.transpose(0, 1)], dim=1)[:, None]
+        lq = torch.cat([last, last_new], dim=1)  # [H, L+T]
+        kidx = torch.cat([torch.full_like(last, -1), idx[None, :].expand(H, T)], dim=1)
+        allowed = (kidx[:, None, :] <= idx[None, :, None]) & (idx[None, :, None] <= lq[:, None, :])  # [H, T, L+T]
+        qs = q.reshape(T, H, Hq // H, D).permute(1, 2, 0, 3)  # [H, G, T, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=self.scale, enable_gqa=True)
+        return o.permute(2, 0, 1, 3).reshape(T, Hq, D)

@@ -1,0 +1,232 @@
+"""The DMS causal LM for vLLM, and the classes registered under the stock architecture names.
+
+vLLM picks a model class by the ``architectures`` of config.json (``LlamaForCausalLM``...), so
+the plugin registers, under each supported name, a subclass of vLLM's own class whose
+``__new__`` builds the DMS model when the config has the ``dms_*`` keys and vLLM's model
+otherwise: DMS checkpoints need no flag and plain ones keep the stock path.
+
+The DMS model runs the checkpoint's transformers modules (embeddings, norms, projections,
+MLP, rotary embedding) on the flattened batch, so its arithmetic is the transformers path's;
+attention is dms.vllm.attention on the plugin's store. Weights load under the checkpoint's
+own names; the adapter is read under the reference names (``self_attn.dms_proj_alpha_norm``,
+``self_attn.dms_proj_alpha``) and dms's earlier ones (``self_attn.dms_adapter.{norm,proj}``).
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from dms.config import DMSConfig
+from dms.vllm.attention import DMSAttention, SlotTable, build_stores
+
+ARCHITECTURES = {  # HF architecture -> (vLLM module, class); the model types dms supports
+    "LlamaForCausalLM": ("vllm.model_executor.models.llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("vllm.model_executor.models.mistral", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("vllm.model_executor.models.qwen3", "Qwen3ForCausalLM"),
+}
+_ADAPTER_NAMES = {".dms_proj_alpha_norm.": ".dms_adapter.norm.", ".dms_proj_alpha.": ".dms_adapter.proj."}
+
+
+def is_dms_config(hf_config) -> bool:
+    return getattr(hf_config, "dms_window_size", None) is not None
+
+
+class _RMSNorm(nn.Module):
+    """Llama/Qwen RMSNorm arithmetic (fp32 statistics), the adapter's input norm."""
+
+    def __init__(self, hidden: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+
+
+class _Adapter(nn.Module):
+    def __init__(self, hidden: int, n_logits: int, eps: float):
+        super().__init__()
+        self.norm = _RMSNorm(hidden, eps)
+        self.proj = nn.Linear(hidden, n_logits, bias=True)
+        nn.init.zeros_(self.proj.bias)  # reference checkpoints without attention_bias have no bias
+
+
+def refuse_unsupported(vllm_config) -> None:
+    """Refuse at start-up what the DMS store cannot combine with, naming the option."""
+    c = vllm_config
+    if c.cache_config.enable_prefix_caching:
+        raise ValueError("DMS checkpoints cannot use prefix caching (enable_prefix_caching / "
+                         "--enable-prefix-caching): evicted tokens are gone, so a cached prefix block does not hold "
+                         "what a new request would retain; leave it off")
+    if c.speculative_config is not None:
+        raise ValueError("DMS checkpoints cannot use speculative decoding (speculative_config / "
+                         "--speculative-config): the DMS store cannot roll back rejected draft tokens")
+    if c.lora_config is not None:
+        raise ValueError("DMS checkpoints cannot use LoRA (enable_lora / --enable-lora): the plugin's DMS model "
+                         "has no LoRA layers")
+    p = c.parallel_config
+    if p.tensor_parallel_size > 1 or p.pipeline_parallel_size > 1:
+        raise ValueError("DMS checkpoints run with tensor_parallel_size=1 and pipeline_parallel_size=1 only: "
+                         "memory-true admission needs the scheduler and the model in one process (docs/vllm.md)")
+    if c.scheduler_config.async_scheduling:
+        raise ValueError("DMS checkpoints cannot use async scheduling (async_scheduling / --async-scheduling): "
+                         "the KV manager budgets each step from the store's state after the previous one")
+
+
+class DMSForCausalLM(nn.Module):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__()
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        refuse_unsupported(vllm_config)
+        self.vllm_config = vllm_config
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.dms = DMSConfig.from_model_config(config)
+        self.dms_off = bool(config.to_dict().get("dms_disable_eviction"))  # the reference's "run as vanilla"
+        hf = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
+        self.model, self.lm_head = hf.model, hf.lm_head
+        windowed = [i for i, layer in enumerate(self.model.layers)
+                    if getattr(layer.self_attn, "sliding_window", None) is not None
+                    or (config.model_type == "mistral" and getattr(config, "sliding_window", None) is not None)]
+        if windowed:
+            raise ValueError(f"layers {windowed} use sliding-window attention, which DMS does not combine with "
+                             "eviction; serve the checkpoint with sliding_window set to null in config.json")
+        self.rope = sys.modules[type(hf).__module__].apply_rotary_pos_emb
+        H, Hq = config.num_key_value_heads, config.num_attention_heads
+        first = self.model.layers[0].self_attn
+        self.head_dim, self.scale = first.head_dim, first.scaling
+        if self.dms.dms_separate_alpha:
+            n_logits = 1 if self.dms.dms_alpha_per == "layer" else H
+            for layer in self.model.layers:
+                layer.self_attn.dms_adapter = _Adapter(config.hidden_size, n_logits, config.rms_norm_eps)
+        else:
+            group = Hq // H
+            self.neuron_heads = [0] if self.dms.dms_alpha_per == "layer" else [h * group for h in range(H)]
+        self.attn = nn.ModuleList(
+            DMSAttention(vllm_config=vllm_config, prefix=f"{prefix}.dms_attn.{i}" if prefix else f"dms_attn.{i}",
+                         num_kv_heads=H, head_size=self.head_dim, window=self.dms.window, scale=self.scale,
+                         num_layers=config.num_hidden_layers)
+            for i in range(config.num_hidden_layers))
+        self.slots = SlotTable(vllm_config.scheduler_config.max_num_seqs)
+        self.max_tokens = vllm_config.model_config.max_model_len
+        self._bound: tuple | None = None  # data pointers of the KV memory the stores were built on
+
+    # -- vLLM model interface -----------------------------------------------------------------
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden_states)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
+        from vllm.forward_context import get_forward_context
+
+        h = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        h = h[None]
+        cos, sin = self.model.rotary_emb(h, positions[None])
+        meta = get_forward_context().attn_metadata
+        if isinstance(meta, dict):
+            meta = meta.get(self.attn[0].layer_name)
+        stores = self._stores()
+        plan = self.slots.plan(meta, stores, h.device) if meta is not None and stores else None
+        for layer, attn in zip(self.model.layers, self.attn):
+            residual = h
+            x = self._attention(layer.self_attn, attn, layer.input_layernorm(h), residual, cos, sin, plan)
+            h = residual + x
+            residual = h
+            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+        if plan is not None:
+            self.slots.report(plan, meta, stores)
+        return self.model.norm(h)[0]
+
+    def _stores(self) -> list | None:
+        kvs = [getattr(a, "kv_cache", None) for a in self.attn]
+        if any(not isinstance(kv, torch.Tensor) or kv.numel() == 0 for kv in kvs):
+            return None  # before vLLM allocated the KV memory (profiling)
+        key = tuple(kv.data_ptr() for kv in kvs)
+        if key != self._bound:
+            spec = self.attn[0].get_kv_cache_spec(self.vllm_config)
+            build_stores(list(self.attn), self.slots.capacity, self.max_tokens, spec.dms_page_size)
+            self.slots = SlotTable(self.slots.capacity)
+            self._bound = key
+        return [a.store for a in self.attn]
+
+    def _attention(self, mod, attn: DMSAttention, x, residual, cos, sin, plan):
+        """The transformers attention module's projections around the DMS store."""
+        _, N, _ = x.shape
+        D = self.head_dim
+        q = mod.q_proj(x).view(1, N, -1, D)
+        k = mod.k_proj(x).view(1, N, -1, D)
+        v = mod.v_proj(x).view(N, -1, D)
+        if hasattr(mod, "q_norm"):
+            q, k = mod.q_norm(q), mod.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, N, D]
+        H = k.shape[1]
+        cfg = self.dms
+        if self.dms_off:
+            logits = None
+        elif cfg.dms_separate_alpha:
+            logits = mod.dms_adapter.proj(mod.dms_adapter.norm(residual))[0] * cfg.dms_alpha_scale \
+                - cfg.dms_initial_alpha_offset  # [N, n_logits]
+            logits = logits.expand(N, H)
+        else:
+            logits = q[0, self.neuron_heads, :, -1].T * cfg.dms_alpha_scale - cfg.dms_initial_alpha_offset
+            logits = logits.expand(N, H)
+            q = self._zero_neuron(q)
+        q, k = self.rope(q, k, cos, sin)
+        if logits is not None and not cfg.dms_separate_alpha:
+            q = self._zero_neuron(q)  # RoPE mixed the zeroed dimension with its pair: zero it again
+        decisions = torch.zeros(N, H, dtype=torch.bool, device=x.device) if logits is None else logits > 0
+        out = attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v, decisions.contiguous(), plan)
+        return mod.o_proj(out.reshape(1, N, -1))
+
+    def _zero_neuron(self, q):
+        keep = torch.ones(q.shape[1], q.shape[-1], dtype=q.dtype, device=q.device)
+        keep[self.neuron_heads, -1] = 0
+        return q * keep[None, :, None, :]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded = set()
+        for name, w in weights:
+            for old, new in _ADAPTER_NAMES.items():
+                name = name.replace(old, new)
+            if name not in params:
+                if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                    continue
+                if ".dms_" in name:
+                    raise ValueError(f"checkpoint has DMS weight {name} that the config does not use (check "
+                                     "dms_separate_alpha / dms_alpha_per in config.json)")
+                continue  # buffers such as rotary inv_freq
+            if params[name].shape != w.shape:
+                raise ValueError(f"weight {name} has shape {tuple(w.shape)}, the model expects "
+                                 f"{tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(w)
+            loaded.add(name)
+        missing = sorted(n for n in params if n not in loaded and not n.endswith("dms_adapter.proj.bias"))
+        if missing:
+            raise ValueError(f"checkpoint lacks weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        return set(params)
+
+
+def dispatcher(arch: str) -> type:
+    """A subclass of vLLM's class for ``arch`` that builds DMSForCausalLM for DMS configs."""
+    import importlib
+
+    module, name = ARCHITECTURES[arch]
+    stock = getattr(importlib.import_module(module), name)
+
+    def __new__(cls, *args, vllm_config=None, prefix: str = "", **kwargs):
+        if vllm_config is not None and is_dms_config(vllm_config.model_config.hf_config):
+            return DMSForCausalLM(vllm_config=vllm_config, prefix=prefix)
+        return stock.__new__(cls)
+
+    return type(name, (stock,), {"__new__": __new__, "__module__": __name__, "__qualname__": name})
