@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dms", type=_ratio_path, action="append", default=[], metavar="RATIO=PATH",
                    help="DMS model retrofitted for RATIO (repeatable)")
     p.add_argument("--task", default="arith_trace", choices=sorted(DIFFICULTY),
-                   help="reasoning task; its difficulty option: " + ", ".join(f"{t}: {k}" for t, k in DIFFICULTY.items()))
+                   help="reasoning task; its difficulty option: "
+                        + ", ".join(f"{t}: {k}" for t, k in DIFFICULTY.items()))
     p.add_argument("--levels", type=int, nargs="+", default=[4, 6, 8],
                    help="values of the difficulty option (default 4 6 8; arith_trace's default is 4)")
     p.add_argument("--chains", type=int, nargs="+", default=list(CHAINS), help="chains per prompt (W)")

@@ -35,7 +35,7 @@ from dms.compat import cache_kwargs
 from dms.eval.runner import EVAL_SEED
 from dms.eval.stats import wilson
 from dms.eval.vote import vote_score
-from dms.tasks import TASKS, generate, min_length, score
+from dms.tasks import generate, min_length, score
 
 # Task -> the generator option that sets its difficulty (defaults: arith_trace 4, vt 3).
 DIFFICULTY = {"arith_trace": "terms", "vt": "hops"}
@@ -44,7 +44,8 @@ FAIRNESS = ("W = 1 decodes greedily; W > 1 samples every method at the same temp
             "and scores the majority answer (ties: the answer seen first in chain order). Each prompt is "
             "prefilled once and forked into its chains. Vanilla's prompt cache is shared by its chains and "
             "counted once, in peak memory and in reads (prefix sharing); DMS chains share the compressed prompt's "
-            "pages copy-on-write (counted once in memory) but each reads all its live slots. Bytes: K and V of the tokens held, per prompt; reads summed over decode steps.")
+            "pages copy-on-write (counted once in memory) but each reads all its live slots. Bytes: K and V of "
+            "the tokens held, per prompt; reads summed over decode steps.")
 _EXTRA_TOKENS = 4  # generated beyond the longest gold answer
 
 

@@ -57,7 +57,8 @@ def plot(points: list[Point], path: str | Path, knob: str, title: str = "dms hyp
     for row, level in zip(axes, levels):
         for ax, (x, name) in zip(row, _AXES):
             for i, method in enumerate(methods):
-                pts = sorted((p for p in points if p.method == method and p.level == level), key=lambda p: getattr(p, x))
+                pts = sorted((p for p in points if p.method == method and p.level == level),
+                             key=lambda p: getattr(p, x))
                 if not pts:
                     continue
                 c = colors[i % len(colors)]
