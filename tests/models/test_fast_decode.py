@@ -132,3 +132,24 @@ def test_bad_input_is_refused():
         generate(model, ids, mask, eos_token_id=2)
     with pytest.raises(ValueError, match="attention_mask"):
         generate(model, ids, mask[:, 1:])
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_follows_transformers_path(arch):
+    """The non-fp32 RMSNorm branch (statistics in fp32, weight in bf16, as transformers)."""
+    model = forced_dms_model(arch, "neuron", window=3).to(torch.bfloat16)
+    ids, mask = left_padded([7, 5])
+    ref_cache, logits, pos = _prefilled(model, ids, mask)
+    fast_cache = copy.deepcopy(ref_cache)
+    tok = logits.argmax(-1)
+    for _ in range(6):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        with torch.no_grad():
+            ref = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                        **cache_kwargs(ref_cache)).logits[:, -1]
+        got = decoder(model).step(fast_cache, tok, pos)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+        tok, pos = ref.argmax(-1), pos + 1
+    for a, b in zip(ref_cache.layers, fast_cache.layers):
+        assert torch.equal(a.store.seq_lens, b.store.seq_lens)
