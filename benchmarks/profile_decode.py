@@ -63,7 +63,8 @@ def _report(r: dict, args, engine: str, cache) -> None:
     other = max(0.0, r["step"] - kernels)
     print(f"{engine:>12}: context {args.context}, CR {cache.compression_ratio():.2f}, threads {args.threads}: step "
           f"{r['plain']:.3f} ms (profiled {r['step']:.3f} ms = attention {r['attention']:.3f} + projections "
-          f"{r['projections']:.3f} + other {other:.3f}: {100 * other / r['step']:.0f}% of the step outside the kernels; "
+          f"{r['projections']:.3f} + other {other:.3f}: {100 * other / r['step']:.0f}% of the step outside the "
+          f"kernels; "
           f"unprofiled step minus kernels: {100 * max(0.0, r['plain'] - kernels) / r['plain']:.0f}%)", flush=True)
     if args.table:
         print(r["prof"].key_averages().table(sort_by="self_cpu_time_total", row_limit=25))

@@ -116,7 +116,8 @@ def measure(contexts, steps: int, warmup: int, window: int, ratio: float, thread
     n = block * ((steps + block - 1) // block)
     for T in contexts:
         caches = _caches(dense, model, T, window, ratio, warmup + n, seed=T)
-        engines = dict(dynamic="transformers", static="transformers", dms="fast" if engine == "fast" else "transformers")
+        engines = dict(dynamic="transformers", static="transformers",
+                       dms="fast" if engine == "fast" else "transformers")
         if engine == "both":
             caches["dms_fast"], engines["dms_fast"] = copy.deepcopy(caches["dms"]), "fast"
         runner = dict(dynamic=dense, static=dense, dms=model, dms_fast=model)

@@ -149,7 +149,8 @@ class FastDecoder:
     @torch.no_grad()
     def step(self, cache: DMSCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per row: tokens, positions int [B] (the token's RoPE position) ->
-        logits [B, vocab]. Appends the token to ``cache`` exactly like a model forward."""
+        logits [B, vocab]. Appends the token to ``cache`` exactly like a model forward whose
+        new token is real (attention_mask 1), as every token generate feeds after the prompt."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1:
             raise ValueError(f"tokens must be a 1D tensor [batch], got {_describe(tokens)}")
         if not isinstance(positions, torch.Tensor) or positions.shape != tokens.shape:
