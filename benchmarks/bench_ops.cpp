@@ -150,7 +150,7 @@ std::vector<const char*> cpu_isas() {
   const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
   const auto pages = at::zeros({1, 1, 1});
   std::vector<const char*> found;
-  for (const char* isa : {"scalar", "avx2", "avx512"}) {
+  for (const char* isa : {"scalar", "avx2", "avx512", "avx512_bf16"}) {
     setenv("DMS_CPU_ISA", isa, 1);
     try {
       attention.call(at::zeros({1, 1, 1}), pages, pages, at::zeros({1, 1}, at::kInt), at::zeros({1}, at::kInt), 1.0);

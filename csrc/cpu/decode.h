@@ -51,6 +51,7 @@ DecodeKernels scalar_kernels();
 #define DMS_X86_KERNELS 1
 DecodeKernels avx2_kernels();    // AVX2 + FMA + F16C (x86-64-v3)
 DecodeKernels avx512_kernels();  // AVX-512 F/BW/VL/DQ
+DecodeFn<Bf16> avx512_bf16_kernel();  // + AVX512-BF16 dot products (the other dtypes: avx512)
 #endif
 
 }  // namespace dms::cpu

@@ -16,6 +16,9 @@
 #else
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
+// GCC 12 flags the intrinsics' own `__Y = __Y` (_mm512_undefined_*) idiom.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
 namespace dms::cpu {
@@ -24,6 +27,10 @@ namespace {
 struct V {
   using reg = __m256;
   static constexpr int W = 8;
+  static constexpr int kRows = 2;      // query rows per block: 8 + 5 registers for the scores
+  static constexpr int kAccRegs = 8;   // of 16 registers, accumulators of the values
+  static constexpr int kMaxChunks = 4;
+  static constexpr bool kBf16Dot = false;
   static __m256i first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
@@ -54,17 +61,18 @@ struct V {
   }
   static reg keep_first(reg x, int n, float fill) { return _mm256_blendv_ps(set1(fill), x, _mm256_castsi256_ps(first(n))); }
 
-  // Lane t = the sum of the lanes of v[t]: 128-bit halves, then within 128 bits, then one
-  // permute back to token order.
-  static reg hsum_lanes(const reg* v) {
-    reg w[4];
-    for (int j = 0; j < 4; ++j)
-      w[j] = add(_mm256_permute2f128_ps(v[2 * j], v[2 * j + 1], 0x20), _mm256_permute2f128_ps(v[2 * j], v[2 * j + 1], 0x31));
-    const reg y0 = add(_mm256_unpacklo_ps(w[0], w[1]), _mm256_unpackhi_ps(w[0], w[1]));
-    const reg y1 = add(_mm256_unpacklo_ps(w[2], w[3]), _mm256_unpackhi_ps(w[2], w[3]));
-    const reg z = add(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(y0), _mm256_castps_pd(y1))),
-                      _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(y0), _mm256_castps_pd(y1))));
-    // z[4i + j] = sum of v[2j + i]
+  // Scores by transpose-adds: fold4 turns the partial dot products of 4 slots into one
+  // vector (per 128-bit half i: slots i and 2 + i, two partials each); finish turns the folds
+  // of slots 0-3 and 4-7 into the 8 scores, in slot order.
+  static reg fold4(const reg* v) {
+    const reg w0 = add(_mm256_permute2f128_ps(v[0], v[1], 0x20), _mm256_permute2f128_ps(v[0], v[1], 0x31));
+    const reg w1 = add(_mm256_permute2f128_ps(v[2], v[3], 0x20), _mm256_permute2f128_ps(v[2], v[3], 0x31));
+    return add(_mm256_unpacklo_ps(w0, w1), _mm256_unpackhi_ps(w0, w1));
+  }
+  static reg finish(const reg* x) {
+    const reg z = add(_mm256_castpd_ps(_mm256_unpacklo_pd(_mm256_castps_pd(x[0]), _mm256_castps_pd(x[1]))),
+                      _mm256_castpd_ps(_mm256_unpackhi_pd(_mm256_castps_pd(x[0]), _mm256_castps_pd(x[1]))));
+    // z[4i + j] = score of slot 2j + i
     return _mm256_permutevar8x32_ps(z, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 
@@ -86,15 +94,19 @@ struct V {
 
 #include "decode_simd.inc"
 
+// Instantiated here, inside the target region (the table runs only on a CPU with the ISA).
+DecodeKernels table() { return {&decode_span<float>, &decode_span<Fp16>, &decode_span<Bf16>}; }
+
 }  // namespace
 }  // namespace dms::cpu
 
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
-dms::cpu::DecodeKernels dms::cpu::avx2_kernels() { return {&decode_f32, &decode_f16, &decode_bf16}; }
+dms::cpu::DecodeKernels dms::cpu::avx2_kernels() { return table(); }
 
 #endif  // DMS_X86_KERNELS

@@ -3,8 +3,9 @@
 // busy); a kernel for the best instruction set (decode.h) leaves each span's partial softmax
 // state, and a merge combines the spans of a sequence and normalises.
 //
-// DMS_CPU_ISA (read on every call) forces the kernel: scalar, avx2, avx512, or auto (unset,
-// the default: the best one the CPU has). A forced ISA the CPU or the build lacks is an error.
+// DMS_CPU_ISA (read on every call) forces the kernel: scalar, avx2, avx512, avx512_bf16, or auto
+// (unset, the default: the best one the CPU has). A forced ISA the CPU or the build lacks is an
+// error. avx512_bf16 differs from avx512 for bf16 only.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
@@ -28,8 +29,9 @@ using namespace dms::cpu;
 
 constexpr const char* kOp = "dms.paged_decode_attention";
 
-enum class Isa { scalar, avx2, avx512 };
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+enum class Isa { scalar, avx2, avx512, avx512_bf16 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
+constexpr int kIsas = 4;
 
 bool cpu_has(Isa isa) {
 #ifdef DMS_X86_KERNELS
@@ -40,6 +42,7 @@ bool cpu_has(Isa isa) {
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::avx512_bf16: return cpu_has(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -49,7 +52,7 @@ bool cpu_has(Isa isa) {
 
 std::string available() {
   std::string names;
-  for (int i = 0; i < 3; ++i)
+  for (int i = 0; i < kIsas; ++i)
     if (cpu_has(static_cast<Isa>(i))) names += (names.empty() ? "" : ", ") + std::string(kIsaNames[i]);
   return names;
 }
@@ -58,21 +61,26 @@ Isa choose_isa() {
   const char* env = std::getenv("DMS_CPU_ISA");
   const std::string want = env ? env : "";
   if (want.empty() || want == "auto") {
-    for (Isa isa : {Isa::avx512, Isa::avx2})
+    for (Isa isa : {Isa::avx512_bf16, Isa::avx512, Isa::avx2})
       if (cpu_has(isa)) return isa;
     return Isa::scalar;
   }
-  for (int i = 0; i < 3; ++i) {
+  for (int i = 0; i < kIsas; ++i) {
     if (want != kIsaNames[i]) continue;
     TORCH_CHECK(cpu_has(static_cast<Isa>(i)), kOp, ": DMS_CPU_ISA=", want,
                 " is not available on this CPU or build (available: ", available(), ")");
     return static_cast<Isa>(i);
   }
-  TORCH_CHECK(false, kOp, ": DMS_CPU_ISA=", want, " is not one of auto, scalar, avx2, avx512");
+  TORCH_CHECK(false, kOp, ": DMS_CPU_ISA=", want, " is not one of auto, scalar, avx2, avx512, avx512_bf16");
 }
 
 DecodeKernels kernels_for(Isa isa) {
 #ifdef DMS_X86_KERNELS
+  if (isa == Isa::avx512_bf16) {
+    DecodeKernels k = avx512_kernels();
+    k.bf16 = avx512_bf16_kernel();
+    return k;
+  }
   if (isa == Isa::avx512) return avx512_kernels();
   if (isa == Isa::avx2) return avx2_kernels();
 #endif

@@ -32,7 +32,8 @@ def _cpu_flags() -> set[str]:
 
 # What each kernel needs, read independently of the op's own detection.
 NEEDS = {"scalar": set(), "avx2": {"avx2", "fma", "f16c"},
-         "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"}}
+         "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+         "avx512_bf16": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"}}
 X86 = platform.machine() in ("x86_64", "AMD64")
 FLAGS = _cpu_flags()
 AVAILABLE = [isa for isa, need in NEEDS.items() if isa == "scalar" or (X86 and need <= FLAGS)]
@@ -122,5 +123,5 @@ def test_missing_isa_raises(monkeypatch, isa):
 
 def test_unknown_isa_raises(monkeypatch):
     with pytest.raises(RuntimeError, match=r"dms\.paged_decode_attention: DMS_CPU_ISA=avx9 is not one of auto, "
-                                           r"scalar, avx2, avx512$"):
+                                           r"scalar, avx2, avx512, avx512_bf16$"):
         _call(monkeypatch, "avx9")
