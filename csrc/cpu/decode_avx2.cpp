@@ -31,7 +31,9 @@ struct V {
   static constexpr int kAccRegs = 8;   // of 16 registers, accumulators of the values
   static constexpr int kMaxChunks = 4;
   static constexpr bool kBf16Dot = false;
-  static __m256i first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static __m256i first(int n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
   static reg zero() { return _mm256_setzero_ps(); }
   static reg set1(float x) { return _mm256_set1_ps(x); }
   static reg load(const float* p) { return _mm256_loadu_ps(p); }
@@ -59,7 +61,9 @@ struct V {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  static reg keep_first(reg x, int n, float fill) { return _mm256_blendv_ps(set1(fill), x, _mm256_castsi256_ps(first(n))); }
+  static reg keep_first(reg x, int n, float fill) {
+    return _mm256_blendv_ps(set1(fill), x, _mm256_castsi256_ps(first(n)));
+  }
 
   // Scores by transpose-adds: fold4 turns the partial dot products of 4 slots into one
   // vector (per 128-bit half i: slots i and 2 + i, two partials each); finish turns the folds

@@ -1,8 +1,8 @@
 // AVX-512 decode kernel whose bf16 dot products use AVX512-BF16 (vdpbf16ps: pairs of bf16
 // products summed in fp32): the keys with the bf16 query, unconverted; the values with the
 // softmax weights rounded to bf16 (as FlashAttention's P V on GPUs; the normaliser sums the
-// rounded weights). The fp32 and fp16 kernels are those of decode_avx512.cpp. Compiled for that target function by function; called only when the CPU
-// has it (paged_decode_attention.cpp).
+// rounded weights). The fp32 and fp16 kernels are those of decode_avx512.cpp. Compiled for that
+// target function by function; called only when the CPU has it (paged_decode_attention.cpp).
 #include <immintrin.h>
 
 #include <cmath>
@@ -44,10 +44,16 @@ struct V : V512 {
     return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b));
   }
   // dims 0-15 (lo) or 16-31 (hi) of rows a and b as pairs (a[d], b[d]): word 2i = a[i], 2i+1 = b[i]
-  alignas(64) static constexpr int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static constexpr int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  static __m512i interleave_lo(__m512i a, __m512i b) { return _mm512_permutex2var_epi16(a, _mm512_load_si512(kLo), b); }
-  static __m512i interleave_hi(__m512i a, __m512i b) { return _mm512_permutex2var_epi16(a, _mm512_load_si512(kHi), b); }
+  alignas(64) static constexpr int16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                  8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static constexpr int16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+                                                  24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  static __m512i interleave_lo(__m512i a, __m512i b) {
+    return _mm512_permutex2var_epi16(a, _mm512_load_si512(kLo), b);
+  }
+  static __m512i interleave_hi(__m512i a, __m512i b) {
+    return _mm512_permutex2var_epi16(a, _mm512_load_si512(kHi), b);
+  }
   // The bf16 pair p[0], p[1] in every 32-bit lane.
   static __m512i pair(const Bf16* p) {
     uint32_t word;

@@ -58,7 +58,8 @@ __global__ void split_kernel(dms::PagedStore<const scalar_t> st, const scalar_t*
   float* wmax = smem + kGroup * D + kWarps * (kGroup * D + kGroup * 32);
   float* wsum = wmax + kWarps * kGroup;
 
-  for (int64_t i = threadIdx.x; i < gn * D; i += blockDim.x) qs[i] = static_cast<float>(q[(s * G + g0) * D + i]) * scale;
+  for (int64_t i = threadIdx.x; i < gn * D; i += blockDim.x)
+    qs[i] = static_cast<float>(q[(s * G + g0) * D + i]) * scale;
   for (int64_t i = lane; i < gn * D; i += 32) acc[i] = 0.f;
   __syncthreads();
 
