@@ -20,6 +20,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <string>
 #include <vector>
 
@@ -33,15 +34,24 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Sorted wall times of fn over `repeats` runs, after one warm-up run.
+double process_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Sorted wall times of fn over `repeats` runs, after one warm-up run; with `cpu`, the process
+// CPU time instead (time the process was not running does not count).
 template <typename F>
-std::vector<double> sorted_seconds(int repeats, F&& fn) {
+std::vector<double> sorted_seconds(int repeats, F&& fn, bool cpu = false) {
   fn();
   std::vector<double> times;
   for (int i = 0; i < repeats; ++i) {
     const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = process_cpu_seconds();
     fn();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    times.push_back(cpu ? process_cpu_seconds() - cpu_start
+                        : std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(times.begin(), times.end());
   return times;
@@ -124,13 +134,17 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
     const auto k_pages = at::randn({P, page_size, D}).to(opt), v_pages = at::randn({P, page_size, D}).to(opt);
     const auto q = at::randn({S, G, D}).to(opt);
     const double bytes = 2.0 * k_pages.numel() * k_pages.element_size();
-    // Median and best: on a shared machine the best run is the one least disturbed by others.
+    // Wall-time median, and the median of CPU time / threads: on a shared machine the second
+    // leaves out the time other jobs held the cores (it counts idle pool threads that spin).
+    const double threads = device.is_cpu() ? at::get_num_threads() : 1.0;
     const auto timed = [&](auto&& fn) {
-      const auto times = sorted_seconds(repeats, [&] {
+      const auto run = [&] {
         fn();
         sync(device);
-      });
-      return std::make_pair(times[times.size() / 2], times.front());
+      };
+      const auto wall = sorted_seconds(repeats, run);
+      const auto cpu = device.is_cpu() ? sorted_seconds(repeats, run, true) : wall;
+      return std::make_pair(wall[wall.size() / 2], cpu[cpu.size() / 2] / (device.is_cpu() ? threads : 1.0));
     };
     const auto gbps = [&](double t) { return bytes / t / 1e9; };
     const auto t_sum = timed([&] { return k_pages.sum() + v_pages.sum(); });
@@ -140,7 +154,7 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
       v_copy.copy_(v_pages);
     });
     std::printf("decode %s, %s, %lld seqs x %lld tokens, G=%lld, D=%lld, page_size=%lld, shuffled pages: %.1f MB of "
-                "K+V; GB/s of K+V read, median (best) of %d\n  yardsticks: sum %.1f (%.1f) GB/s | copy %.1f (%.1f) "
+                "K+V; GB/s of K+V read, median of %d runs by wall time (by CPU time / threads)\n  yardsticks: sum %.1f (%.1f) GB/s | copy %.1f (%.1f) "
                 "GB/s read (+ as much written)\n",
                 device.str().c_str(), c10::toString(dtype), (long long)S, (long long)L, (long long)G, (long long)D,
                 (long long)page_size, bytes / 1e6, repeats, gbps(t_sum.first), gbps(t_sum.second),
