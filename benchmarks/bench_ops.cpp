@@ -6,7 +6,9 @@
 //  (c) paged_decode_attention over 32 seqs x 8192 live tokens, G = 4, D = 64, 16-token pages in
 //      shuffled order, fp32 / bf16 / fp16, once per CPU kernel (DMS_CPU_ISA), in GB/s of K and V
 //      read, next to a sum and a memcpy over the same bytes; on a CUDA device too when there is one.
-// Usage: bench_ops [repeats] [compact|step|decode ...]   (default: all sections; threads:
+//  (d) the same in a 4 x 1024-token store on one thread (decode-cache): the kernels' compute
+//      rate, in ns of CPU time per token, with the store in cache.
+// Usage: bench_ops [repeats] [compact|step|decode|decode-cache ...]   (default: all; threads:
 // at::get_num_threads(), set OMP_NUM_THREADS to change; THP_MEM_ALLOC_ENABLE=1 makes torch back
 // large tensors with huge pages: cheaper first touch)
 #include <ATen/ATen.h>
@@ -123,9 +125,10 @@ void sync(const at::Device& device) {
   if (device.is_cuda()) c10::impl::getDeviceGuardImpl(device.type())->synchronizeDevice(device.index());
 }
 
-void bench_decode_bandwidth(int repeats, const at::Device& device, const std::vector<const char*>& isas) {
+void bench_decode_bandwidth(int repeats, const at::Device& device, const std::vector<const char*>& isas,
+                            int64_t S = 32, int64_t L = 8192) {
   const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
-  const int64_t S = 32, L = 8192, G = 4, D = 64, page_size = 16, pages = L / page_size, P = S * pages;
+  const int64_t G = 4, D = 64, page_size = 16, pages = L / page_size, P = S * pages;
   // The pool holds exactly the live pages, so the yardsticks stream the very bytes the kernel reads.
   const auto block_table = at::randperm(P, at::kInt).view({S, pages}).to(device);
   const auto seq_lens = at::full({S}, L, at::kInt).to(device);
@@ -162,9 +165,10 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
     for (const char* isa : isas) {
       if (isa) setenv("DMS_CPU_ISA", isa, 1);
       const auto t = timed([&] { attention.call(q, k_pages, v_pages, block_table, seq_lens, 0.125); });
-      std::printf("  paged_decode_attention%s%s: %.2f ms = %.1f (%.1f) GB/s = %.0f%% (%.0f%%) of sum, %.0f%% (%.0f%%) "
-                  "of copy\n",
+      std::printf("  paged_decode_attention%s%s: %.2f ms = %.1f (%.1f) GB/s, %.1f ns/token by CPU time = %.0f%% (%.0f%%) "
+                  "of sum, %.0f%% (%.0f%%) of copy\n",
                   isa ? " " : "", isa ? isa : "", t.first * 1e3, gbps(t.first), gbps(t.second),
+                  t.second * threads * 1e9 / (S * L),
                   100 * t_sum.first / t.first, 100 * t_sum.second / t.second, 100 * t_copy.first / t.first,
                   100 * t_copy.second / t.second);
     }
@@ -204,6 +208,12 @@ int main(int argc, char** argv) {
   if (wanted("decode")) {
     bench_decode_bandwidth(repeats, at::kCPU, cpu_isas());
     if (at::hasCUDA()) bench_decode_bandwidth(repeats, at::Device(at::kCUDA, 0), {nullptr});
+  }
+  // The kernels' compute rate: one thread, a 4 x 1024-token store that stays in cache.
+  if (wanted("decode-cache")) {
+    at::set_num_threads(1);
+    std::printf("decode-cache: 1 thread\n");
+    bench_decode_bandwidth(repeats, at::kCPU, cpu_isas(), 4, 1024);
   }
   return 0;
 }
