@@ -1,13 +1,20 @@
-// CPU benchmarks of the dms ops, each next to its yardstick measured in the same run:
+// Benchmarks of the dms ops, each next to its yardstick measured in the same run:
 //  (a) compact of [64 seqs, 8192 tokens, 128 dims] bf16 at 50% keep vs a plain memcpy of the
 //      kept bytes (bandwidth = bytes read + written per second);
 //  (b) append of one decode step (T = 1, 64 sequences) vs one paged_decode_attention step over
-//      8K tokens per sequence (bf16, G = 4 query heads per sequence, D = 128).
-// Usage: bench_ops [repeats]   (threads: at::get_num_threads(), set OMP_NUM_THREADS to change;
-// THP_MEM_ALLOC_ENABLE=1 makes torch back large tensors with huge pages: cheaper first touch)
+//      8K tokens per sequence (bf16, G = 4 query heads per sequence, D = 128);
+//  (c) paged_decode_attention over 32 seqs x 8192 live tokens, G = 4, D = 64, 16-token pages in
+//      shuffled order, fp32 / bf16 / fp16, once per CPU kernel (DMS_CPU_ISA), in GB/s of K and V
+//      read, next to a sum and a memcpy over the same bytes; on a CUDA device too when there is one.
+//  (d) the same in a 4 x 1024-token store on one thread (decode-cache): the kernels' compute
+//      rate, in ns of CPU time per token, with the store in cache.
+// Usage: bench_ops [repeats] [compact|step|decode|decode-cache ...]   (default: all; threads:
+// at::get_num_threads(), set OMP_NUM_THREADS to change; THP_MEM_ALLOC_ENABLE=1 makes torch back
+// large tensors with huge pages: cheaper first touch)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/DeviceGuardImplInterface.h>
 
 #include <algorithm>
 #include <chrono>
@@ -15,6 +22,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <string>
 #include <vector>
 
 namespace {
@@ -27,17 +36,32 @@ c10::TypedOperatorHandle<Sig> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-// Median wall time of fn over `repeats` runs, after one warm-up run.
+double process_cpu_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+// Sorted wall times of fn over `repeats` runs, after one warm-up run; with `cpu`, the process
+// CPU time instead (time the process was not running does not count).
 template <typename F>
-double median_seconds(int repeats, F&& fn) {
+std::vector<double> sorted_seconds(int repeats, F&& fn, bool cpu = false) {
   fn();
   std::vector<double> times;
   for (int i = 0; i < repeats; ++i) {
     const auto start = std::chrono::steady_clock::now();
+    const double cpu_start = process_cpu_seconds();
     fn();
-    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    times.push_back(cpu ? process_cpu_seconds() - cpu_start
+                        : std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(times.begin(), times.end());
+  return times;
+}
+
+template <typename F>
+double median_seconds(int repeats, F&& fn) {
+  const auto times = sorted_seconds(repeats, fn);
   return times[times.size() / 2];
 }
 
@@ -96,13 +120,100 @@ void bench_decode_step(int repeats) {
               t_attn * 1e3, 100.0 * t_append / t_attn);
 }
 
+// Waits for the device's queued work (no CUDA headers needed: the bench is plain C++).
+void sync(const at::Device& device) {
+  if (device.is_cuda()) c10::impl::getDeviceGuardImpl(device.type())->synchronizeDevice(device.index());
+}
+
+void bench_decode_bandwidth(int repeats, const at::Device& device, const std::vector<const char*>& isas,
+                            int64_t S = 32, int64_t L = 8192) {
+  const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
+  const int64_t G = 4, D = 64, page_size = 16, pages = L / page_size, P = S * pages;
+  // The pool holds exactly the live pages, so the yardsticks stream the very bytes the kernel reads.
+  const auto block_table = at::randperm(P, at::kInt).view({S, pages}).to(device);
+  const auto seq_lens = at::full({S}, L, at::kInt).to(device);
+  for (const auto dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    const auto opt = at::TensorOptions().dtype(dtype).device(device);
+    const auto k_pages = at::randn({P, page_size, D}).to(opt), v_pages = at::randn({P, page_size, D}).to(opt);
+    const auto q = at::randn({S, G, D}).to(opt);
+    const double bytes = 2.0 * k_pages.numel() * k_pages.element_size();
+    // Wall-time median, and the median of CPU time / threads: on a shared machine the second
+    // leaves out the time other jobs held the cores (it counts idle pool threads that spin).
+    const double threads = device.is_cpu() ? at::get_num_threads() : 1.0;
+    const auto timed = [&](auto&& fn) {
+      const auto run = [&] {
+        fn();
+        sync(device);
+      };
+      const auto wall = sorted_seconds(repeats, run);
+      const auto cpu = device.is_cpu() ? sorted_seconds(repeats, run, true) : wall;
+      return std::make_pair(wall[wall.size() / 2], cpu[cpu.size() / 2] / (device.is_cpu() ? threads : 1.0));
+    };
+    const auto gbps = [&](double t) { return bytes / t / 1e9; };
+    const auto t_sum = timed([&] { return k_pages.sum() + v_pages.sum(); });
+    auto k_copy = at::empty_like(k_pages), v_copy = at::empty_like(v_pages);
+    const auto t_copy = timed([&] {
+      k_copy.copy_(k_pages);
+      v_copy.copy_(v_pages);
+    });
+    std::printf("decode %s, %s, %lld seqs x %lld tokens, G=%lld, D=%lld, page_size=%lld, shuffled pages: %.1f MB of "
+                "K+V; GB/s of K+V read, median of %d runs by wall time (by CPU time / threads)\n  yardsticks: sum %.1f (%.1f) GB/s | copy %.1f (%.1f) "
+                "GB/s read (+ as much written)\n",
+                device.str().c_str(), c10::toString(dtype), (long long)S, (long long)L, (long long)G, (long long)D,
+                (long long)page_size, bytes / 1e6, repeats, gbps(t_sum.first), gbps(t_sum.second),
+                gbps(t_copy.first), gbps(t_copy.second));
+    for (const char* isa : isas) {
+      if (isa) setenv("DMS_CPU_ISA", isa, 1);
+      const auto t = timed([&] { attention.call(q, k_pages, v_pages, block_table, seq_lens, 0.125); });
+      std::printf("  paged_decode_attention%s%s: %.2f ms = %.1f (%.1f) GB/s, %.1f ns/token by CPU time = %.0f%% (%.0f%%) "
+                  "of sum, %.0f%% (%.0f%%) of copy\n",
+                  isa ? " " : "", isa ? isa : "", t.first * 1e3, gbps(t.first), gbps(t.second),
+                  t.second * threads * 1e9 / (S * L),
+                  100 * t_sum.first / t.first, 100 * t_sum.second / t.second, 100 * t_copy.first / t.first,
+                  100 * t_copy.second / t.second);
+    }
+  }
+  unsetenv("DMS_CPU_ISA");
+}
+
+// The CPU kernels this machine can run: a forced ISA it lacks makes the op raise.
+std::vector<const char*> cpu_isas() {
+  const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
+  const auto pages = at::zeros({1, 1, 1});
+  std::vector<const char*> found;
+  for (const char* isa : {"scalar", "avx2", "avx512", "avx512_bf16"}) {
+    setenv("DMS_CPU_ISA", isa, 1);
+    try {
+      attention.call(at::zeros({1, 1, 1}), pages, pages, at::zeros({1, 1}, at::kInt), at::zeros({1}, at::kInt), 1.0);
+      found.push_back(isa);
+    } catch (const c10::Error&) {
+    }
+  }
+  unsetenv("DMS_CPU_ISA");
+  return found;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const int repeats = argc > 1 ? std::atoi(argv[1]) : 11;
+  std::vector<std::string> sections(argv + std::min(argc, 2), argv + argc);
+  const auto wanted = [&](const char* name) {
+    return sections.empty() || std::find(sections.begin(), sections.end(), name) != sections.end();
+  };
   at::manual_seed(0);
   std::printf("threads: %d, repeats: %d (median)\n", at::get_num_threads(), repeats);
-  bench_compact(repeats);
-  bench_decode_step(repeats);
+  if (wanted("compact")) bench_compact(repeats);
+  if (wanted("step")) bench_decode_step(repeats);
+  if (wanted("decode")) {
+    bench_decode_bandwidth(repeats, at::kCPU, cpu_isas());
+    if (at::hasCUDA()) bench_decode_bandwidth(repeats, at::Device(at::kCUDA, 0), {nullptr});
+  }
+  // The kernels' compute rate: one thread, a 4 x 1024-token store that stays in cache.
+  if (wanted("decode-cache")) {
+    at::set_num_threads(1);
+    std::printf("decode-cache: 1 thread\n");
+    bench_decode_bandwidth(repeats, at::kCPU, cpu_isas(), 4, 1024);
+  }
   return 0;
 }

@@ -1,5 +1,5 @@
 // Python entry of dms._C. Kept apart from the kernels so the CMake op library has no
-// Python in it (BUILD-NOTES.md #7); importing the module runs the static op registration.
+// Python in it (docs/building.md #7); importing the module runs the static op registration.
 #include <pybind11/pybind11.h>
 
 #ifndef DMS_WITH_CUDA

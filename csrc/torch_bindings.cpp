@@ -1,8 +1,8 @@
 // The one place every dms operator schema is defined (TORCH_LIBRARY may appear in one
-// shared library only, see BUILD-NOTES.md). Kernels register with TORCH_LIBRARY_IMPL in
+// shared library only, see docs/building.md #6). Kernels register with TORCH_LIBRARY_IMPL in
 // csrc/cpu and csrc/cuda; fake kernels live in dms/_ops.py.
 //
-// Layout (DESIGN.md §2): sequence s = b * H_kv + h. Per layer:
+// Layout (docs/design.md §2): sequence s = b * H_kv + h. Per layer:
 //   k_pages, v_pages  [P, page_size, D]  model dtype
 //   block_table       int32 [S, max_pages], -1 = no page
 //   seq_lens          int32 [S]  live slots (slots 0..seq_lens[s]-1 are all live)

@@ -19,29 +19,28 @@ namespace {
 
 constexpr int32_t kOverflow = -1;  // need[s] marker: the block_table row is too short
 
-void append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
-                const at::Tensor& seq_lens, const at::Tensor& num_seen, const at::Tensor& ring_slots,
-                const at::Tensor& ring_flags, const at::Tensor& free_pages, const at::Tensor& free_top,
-                const at::Tensor& k, const at::Tensor& v, const at::Tensor& decisions,
-                const std::optional<at::Tensor>& valid) {
-  dms::check_append(k_pages, v_pages, block_table, seq_lens, num_seen, ring_slots, ring_flags, free_pages,
-                    free_top, k, v, decisions, valid);
-  const int64_t S = k.size(0), T = k.size(1), P = k_pages.size(0), max_pages = block_table.size(1);
-  const int32_t ps = static_cast<int32_t>(k_pages.size(1));
-  const int32_t W1 = static_cast<int32_t>(ring_slots.size(1));
-  int32_t* bt = block_table.data_ptr<int32_t>();
-  int32_t* lens = seq_lens.data_ptr<int32_t>();
-  int32_t* seen = num_seen.data_ptr<int32_t>();
-  int32_t* slots = ring_slots.data_ptr<int32_t>();
-  bool* flags = ring_flags.data_ptr<bool>();
-  const int32_t* free_p = free_pages.data_ptr<int32_t>();
-  const bool* dec = decisions.data_ptr<bool>();
-  const bool* ok = valid ? valid->data_ptr<bool>() : nullptr;
-  const int32_t top = free_top.data_ptr<int32_t>()[0];
+// The new tokens of one call: k, v [S, T, row_bytes], decisions and valid (or null) [S, T].
+struct Chunk {
+  const char *k, *v;
+  const bool *dec, *valid;
+  int64_t T, row_bytes;
+};
+
+// The store is viewed as bytes: rows are copied, never read as numbers.
+void append_kernel(const dms::PagedStore<char>& st, const Chunk& c) {
+  const int64_t S = st.num_seqs, T = c.T, P = st.num_pages, max_pages = st.max_pages;
+  const int32_t ps = st.page_size, W1 = st.ring_width;
+  int32_t* lens = st.seq_lens;
+  int32_t* seen = st.num_seen;
+  int32_t* slots = st.ring_slots;
+  bool* flags = st.ring_flags;
+  const int32_t* free_p = st.free_pages;
+  const bool *dec = c.dec, *ok = c.valid;
+  const int32_t top = st.free_top[0];
   TORCH_CHECK(top >= 0 && top <= P, "dms.append: free_top = ", top, " must be in [0, P = ", P, "]");
 
   // Live pages of every sequence in [0, P): phase 3 writes into them.
-  dms::cpu::check_seq_lens("dms.append", k_pages, block_table, seq_lens);
+  dms::cpu::check_seq_lens("dms.append", st);
 
   // Phase 1: dry run.
   std::vector<int32_t> need(S);
@@ -85,27 +84,37 @@ void append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::
               *dup, " twice");
 
   // Phase 3: write.
-  const int64_t row_bytes = k.size(2) * k.element_size();
-  const char* k_src = static_cast<const char*>(k.data_ptr());
-  const char* v_src = static_cast<const char*>(v.data_ptr());
-  char* k_dst = static_cast<char*>(k_pages.data_ptr());
-  char* v_dst = static_cast<char*>(v_pages.data_ptr());
+  const int64_t rb = c.row_bytes;
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       int32_t n = seen[s], len = lens[s], next_free = top - 1 - first[s];
-      int32_t* block_row = bt + s * max_pages;
+      int32_t* block_row = st.block_row(s);
       for (int64_t t = 0; t < T; ++t) {
         if (ok && !ok[s * T + t]) continue;
         const auto choice = dms::ring_step(slots + s * W1, flags + s * W1, W1, n++, dec[s * T + t], len);
         const int64_t row = dms::place_slot(choice, block_row, ps, free_p, next_free);
-        std::memcpy(k_dst + row * row_bytes, k_src + (s * T + t) * row_bytes, row_bytes);
-        std::memcpy(v_dst + row * row_bytes, v_src + (s * T + t) * row_bytes, row_bytes);
+        std::memcpy(st.k_row(row), c.k + (s * T + t) * rb, rb);
+        std::memcpy(st.v_row(row), c.v + (s * T + t) * rb, rb);
       }
       seen[s] = n;
       lens[s] = len;
     }
   });
-  free_top.data_ptr<int32_t>()[0] = static_cast<int32_t>(top - taken);
+  st.free_top[0] = static_cast<int32_t>(top - taken);
+}
+
+void append_cpu(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
+                const at::Tensor& seq_lens, const at::Tensor& num_seen, const at::Tensor& ring_slots,
+                const at::Tensor& ring_flags, const at::Tensor& free_pages, const at::Tensor& free_top,
+                const at::Tensor& k, const at::Tensor& v, const at::Tensor& decisions,
+                const std::optional<at::Tensor>& valid) {
+  const dms::StoreTensors store{k_pages,    v_pages,    block_table, seq_lens, num_seen,
+                                ring_slots, ring_flags, free_pages,  free_top};
+  dms::check_append(store, k, v, decisions, valid);
+  const Chunk chunk{static_cast<const char*>(k.data_ptr()), static_cast<const char*>(v.data_ptr()),
+                    decisions.data_ptr<bool>(), valid ? valid->data_ptr<bool>() : nullptr, k.size(1),
+                    k.size(2) * k.element_size()};
+  append_kernel(dms::paged_store<char>(store), chunk);
 }
 
 }  // namespace

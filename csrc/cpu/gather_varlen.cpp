@@ -8,19 +8,33 @@
 
 #include "dms/checks.h"
 #include "paged_checks.h"
-#include "dms/ring.h"
 
 namespace {
 
+// Copies the live rows of every sequence (pages viewed as bytes) to dst at cu[s].
+void gather_varlen_kernel(const dms::PagedStore<const char>& st, const int32_t* cu, char* dst) {
+  const int32_t ps = st.page_size;
+  const int64_t rb = st.head_dim;
+  at::parallel_for(0, st.num_seqs, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      const int32_t n = st.seq_lens[s];
+      for (int32_t slot = 0; slot < n; slot += ps) {  // a page's rows are contiguous
+        const int64_t rows = std::min(ps, n - slot);
+        std::memcpy(dst + (cu[s] + slot) * rb, st.k_row(st.row(s, slot)), rows * rb);
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, c10::SymInt> gather_varlen_cpu(const at::Tensor& pages,
-                                                              const at::Tensor& block_table,
-                                                              const at::Tensor& seq_lens) {
-  dms::check_gather_varlen(pages, block_table, seq_lens);
-  dms::cpu::check_seq_lens("dms.gather_varlen", pages, block_table, seq_lens);
-  const int64_t S = block_table.size(0), max_pages = block_table.size(1);
-  const int32_t ps = static_cast<int32_t>(pages.size(1));
-  const int64_t row_bytes = pages.size(2) * pages.element_size();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+                                                                  const at::Tensor& block_table,
+                                                                  const at::Tensor& seq_lens) {
+  const dms::StoreTensors store{pages, {}, block_table, seq_lens};
+  dms::check_gather_varlen(store);
+  const auto st = dms::paged_store<const char>(store);
+  dms::cpu::check_seq_lens("dms.gather_varlen", st);
+  const int64_t S = st.num_seqs;
+  const int32_t* lens = st.seq_lens;
   auto cu = at::empty({S + 1}, seq_lens.options());
   int32_t* cu_p = cu.data_ptr<int32_t>();
   cu_p[0] = 0;
@@ -32,19 +46,7 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt> gather_varlen_cpu(const at::Tens
     max_seqlen = std::max<int64_t>(max_seqlen, lens[s]);
   }
   auto packed = at::empty({cu_p[S], pages.size(2)}, pages.options());
-  const char* src = static_cast<const char*>(pages.data_ptr());
-  char* dst = static_cast<char*>(packed.data_ptr());
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin; s < end; ++s) {
-      const int32_t* row = bt + s * max_pages;
-      for (int32_t slot = 0; slot < lens[s]; slot += ps) {
-        const int64_t rows = std::min(ps, lens[s] - slot);
-        std::memcpy(dst + (cu_p[s] + slot) * row_bytes, src + dms::slot_row(row, slot, ps) * row_bytes,
-                    rows * row_bytes);
-      }
-    }
-  });
+  gather_varlen_kernel(st, cu_p, static_cast<char*>(packed.data_ptr()));
   return {packed, cu, c10::SymInt(max_seqlen)};
 }
 

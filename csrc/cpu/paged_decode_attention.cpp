@@ -1,134 +1,176 @@
-// CPU kernel of dms.paged_decode_attention: per sequence, the G query rows stream over the
-// live slots page by page with an online softmax in fp32.
+// CPU kernel of dms.paged_decode_attention. Each sequence's live slots are cut into spans
+// (split-KV: several spans per sequence when there are fewer sequences than threads can keep
+// busy); a kernel for the best instruction set (decode.h) leaves each span's partial softmax
+// state, and a merge combines the spans of a sequence and normalises.
+//
+// DMS_CPU_ISA (read on every call) forces the kernel: scalar, avx2, avx512, avx512_bf16, or auto
+// (unset, the default: the best one the CPU has). A forced ISA the CPU or the build lacks is an
+// error. avx512_bf16 differs from avx512 for bf16 only.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <type_traits>
-#include <cstring>
+#include <cmath>
+#include <cstdlib>
+#include <string>
 #include <vector>
 
+#include "decode.h"
 #include "dms/checks.h"
-#include "dms/ring.h"
-#include "dms/softmax.h"
 #include "paged_checks.h"
 
 namespace {
 
-// The fp32 inner loops are also compiled for AVX2 + FMA, picked at load time (GCC/Clang ifunc),
-// so the wheel still runs on baseline x86-64.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DMS_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+using namespace dms::cpu;
+
+constexpr const char* kOp = "dms.paged_decode_attention";
+
+enum class Isa { scalar, avx2, avx512, avx512_bf16 };
+constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
+constexpr int kIsas = 4;
+
+bool cpu_has(Isa isa) {
+#ifdef DMS_X86_KERNELS
+  switch (isa) {
+    case Isa::scalar: return true;
+    case Isa::avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case Isa::avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::avx512_bf16: return cpu_has(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
+  }
+  return false;
 #else
-#define DMS_VECTOR_CLONES
+  return isa == Isa::scalar;
 #endif
-
-// Eight independent partial sums let the compiler vectorise without reassociating.
-inline float dot(const float* a, const float* b, int64_t D) {
-  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  int64_t i = 0;
-  for (; i + 8 <= D; i += 8)
-    for (int j = 0; j < 8; ++j) part[j] += a[i + j] * b[i + j];
-  float sum = 0.f;
-  for (; i < D; ++i) sum += a[i] * b[i];
-  for (int j = 0; j < 8; ++j) sum += part[j];
-  return sum;
 }
 
-// scores[g * ps + r] = q[g] . k[r] for the rows of one page.
-DMS_VECTOR_CLONES void score_rows(const float* k, int64_t rows, const float* q, int64_t G, int64_t D, int64_t ps,
-                                  float* scores) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < G; ++g) scores[g * ps + r] = dot(q + g * D, k + r * D, D);
+std::string available() {
+  std::string names;
+  for (int i = 0; i < kIsas; ++i)
+    if (cpu_has(static_cast<Isa>(i))) names += (names.empty() ? "" : ", ") + std::string(kIsaNames[i]);
+  return names;
 }
 
-// acc[g] += weights[g * ps + r] * v[r] for the rows of one page.
-DMS_VECTOR_CLONES void accumulate_rows(const float* v, int64_t rows, const float* weights, int64_t G, int64_t D,
-                                       int64_t ps, float* acc) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = weights[g * ps + r];
-      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * v[r * D + d];
+Isa choose_isa() {
+  const char* env = std::getenv("DMS_CPU_ISA");
+  const std::string want = env ? env : "";
+  if (want.empty() || want == "auto") {
+    for (Isa isa : {Isa::avx512_bf16, Isa::avx512, Isa::avx2})
+      if (cpu_has(isa)) return isa;
+    return Isa::scalar;
+  }
+  for (int i = 0; i < kIsas; ++i) {
+    if (want != kIsaNames[i]) continue;
+    TORCH_CHECK(cpu_has(static_cast<Isa>(i)), kOp, ": DMS_CPU_ISA=", want,
+                " is not available on this CPU or build (available: ", available(), ")");
+    return static_cast<Isa>(i);
+  }
+  TORCH_CHECK(false, kOp, ": DMS_CPU_ISA=", want, " is not one of auto, scalar, avx2, avx512, avx512_bf16");
+}
+
+DecodeKernels kernels_for(Isa isa) {
+#ifdef DMS_X86_KERNELS
+  if (isa == Isa::avx512_bf16) {
+    DecodeKernels k = avx512_kernels();
+    k.bf16 = avx512_bf16_kernel();
+    return k;
+  }
+  if (isa == Isa::avx512) return avx512_kernels();
+  if (isa == Isa::avx2) return avx2_kernels();
+#endif
+  return scalar_kernels();
+}
+
+// Spans: one per sequence, unless that leaves threads idle; then long sequences are cut into
+// spans of at least kMinSpan slots so that every thread gets several.
+constexpr int32_t kMinSpan = 512;
+
+std::vector<DecodeSpan> plan_spans(const int32_t* lens, int64_t S, int32_t page_size) {
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int32_t longest = 0;
+  for (int64_t s = 0; s < S; ++s) longest = std::max(longest, lens[s]);
+  int64_t span = longest;
+  if (S < want && longest > kMinSpan) {
+    const int64_t splits = (want + S - 1) / S;
+    span = round_up(std::max<int64_t>(kMinSpan, (longest + splits - 1) / splits), page_size);
+  }
+  std::vector<DecodeSpan> spans;
+  for (int64_t s = 0; s < S; ++s) {
+    int32_t begin = 0;
+    do {
+      const int32_t end = static_cast<int32_t>(std::min<int64_t>(lens[s], begin + std::max<int64_t>(span, 1)));
+      spans.push_back({s, begin, end});
+      begin = end;
+    } while (begin < lens[s]);
+  }
+  return spans;
+}
+
+template <typename T, typename Out>
+void decode(DecodeFn<T> kernel, const dms::PagedStore<const T>& st, const T* q, int64_t G, float scale, Out* out) {
+  const int64_t S = st.num_seqs, D = st.head_dim;
+  const auto spans = plan_spans(st.seq_lens, S, st.page_size);
+  const int64_t n = static_cast<int64_t>(spans.size());
+  std::vector<float> acc(n * G * D), max(n * G), sum(n * G);
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(decode_scratch_floats(G, D));
+    for (int64_t i = begin; i < end; ++i)
+      kernel(st, q + spans[i].seq * G * D, G, scale, spans[i], acc.data() + i * G * D, max.data() + i * G,
+             sum.data() + i * G, scratch.data());
+  });
+  // Spans of a sequence are adjacent in `spans`.
+  std::vector<int64_t> first(S + 1, n);
+  for (int64_t i = n - 1; i >= 0; --i) first[spans[i].seq] = i;
+  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> total(D);
+    for (int64_t s = begin; s < end; ++s) {
+      for (int64_t g = 0; g < G; ++g) {
+        float m = -INFINITY, l = 0.f;
+        for (int64_t i = first[s]; i < first[s + 1]; ++i) m = std::max(m, max[i * G + g]);
+        std::fill(total.begin(), total.end(), 0.f);
+        for (int64_t i = first[s]; i < first[s + 1]; ++i) {
+          if (max[i * G + g] == -INFINITY) continue;  // an empty span
+          const float w = std::exp(max[i * G + g] - m);
+          l += w * sum[i * G + g];
+          const float* a = acc.data() + (i * G + g) * D;
+          for (int64_t d = 0; d < D; ++d) total[d] += w * a[d];
+        }
+        const float inv = l > 0.f ? 1.f / l : 0.f;  // 0 for an empty sequence: zeros out
+        Out* o = out + (s * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<Out>(total[d] * inv);
+      }
     }
-}
-
-inline void to_float(const float* src, float* dst, int64_t n) { std::copy(src, src + n, dst); }
-
-// bf16 is the high half of an fp32: a shift, which vectorises.
-DMS_VECTOR_CLONES void to_float(const c10::BFloat16* src, float* dst, int64_t n) {
-  const auto* bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
-    std::memcpy(dst + i, &word, sizeof(word));
-  }
-}
-
-void to_float(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-struct Scratch {
-  std::vector<float> q, acc, rows, scores;
-  std::vector<dms::OnlineSoftmax> softmax;
-  Scratch(int64_t G, int64_t D, int64_t ps) : q(G * D), acc(G * D), rows(ps * D), scores(G * ps), softmax(G) {}
-};
-
-template <typename scalar_t>
-void attend_sequence(const scalar_t* q, const scalar_t* k_pages, const scalar_t* v_pages, const int32_t* block_row,
-                     int32_t n, int32_t ps, int64_t G, int64_t D, float scale, scalar_t* out, Scratch& w) {
-  for (int64_t i = 0; i < G * D; ++i) w.q[i] = static_cast<float>(q[i]) * scale;
-  std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  std::fill(w.softmax.begin(), w.softmax.end(), dms::OnlineSoftmax{});
-  for (int32_t first = 0; first < n; first += ps) {
-    const int64_t rows = std::min(ps, n - first);
-    const int64_t base = dms::slot_row(block_row, first, ps) * D;  // a page's slots are consecutive rows
-    to_float(k_pages + base, w.rows.data(), rows * D);
-    score_rows(w.rows.data(), rows, w.q.data(), G, D, ps, w.scores.data());
-    for (int64_t g = 0; g < G; ++g) {
-      float* sc = w.scores.data() + g * ps;
-      const float a = w.softmax[g].rescale(*std::max_element(sc, sc + rows));
-      if (a != 1.f)
-        for (int64_t d = 0; d < D; ++d) w.acc[g * D + d] *= a;
-      for (int64_t r = 0; r < rows; ++r) sc[r] = w.softmax[g].weight(sc[r]);
-    }
-    to_float(v_pages + base, w.rows.data(), rows * D);
-    accumulate_rows(w.rows.data(), rows, w.scores.data(), G, D, ps, w.acc.data());
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    const float inv = w.softmax[g].inv_sum();  // 0 for an empty sequence: zeros out
-    for (int64_t d = 0; d < D; ++d) out[g * D + d] = static_cast<scalar_t>(w.acc[g * D + d] * inv);
-  }
+  });
 }
 
 at::Tensor paged_decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_pages, const at::Tensor& v_pages,
                                       const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
-  dms::check_paged_decode_attention(q, k_pages, v_pages, block_table, seq_lens, scale);
-  dms::cpu::check_seq_lens("dms.paged_decode_attention", k_pages, block_table, seq_lens);
-  const int64_t S = q.size(0), G = q.size(1), D = q.size(2), max_pages = block_table.size(1);
-  const int32_t ps = static_cast<int32_t>(k_pages.size(1));
+  const dms::StoreTensors store{k_pages, v_pages, block_table, seq_lens};
+  dms::check_paged_decode_attention(q, store, scale);
+  dms::cpu::check_seq_lens(kOp, dms::paged_store<const char>(store));
+  const DecodeKernels kernels = kernels_for(choose_isa());
+  const int64_t G = q.size(1);
+  const float sc = static_cast<float>(scale);
   auto out = at::empty_like(q);
-  const int32_t* bt = block_table.data_ptr<int32_t>();
-  const int32_t* lens = seq_lens.data_ptr<int32_t>();
-  auto run = [&](auto* tag) {
-    using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    const scalar_t* qp = q.data_ptr<scalar_t>();
-    const scalar_t* kp = k_pages.data_ptr<scalar_t>();
-    const scalar_t* vp = v_pages.data_ptr<scalar_t>();
-    scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
-      Scratch w(G, D, ps);
-      for (int64_t s = begin; s < end; ++s)
-        attend_sequence(qp + s * G * D, kp, vp, bt + s * max_pages, lens[s], ps, G, D, static_cast<float>(scale),
-                        op + s * G * D, w);
-    });
-  };
   // The three model dtypes only (checked above).
   switch (q.scalar_type()) {
-    case at::kFloat: run(static_cast<float*>(nullptr)); break;
-    case at::kHalf: run(static_cast<c10::Half*>(nullptr)); break;
-    default: run(static_cast<c10::BFloat16*>(nullptr)); break;
+    case at::kFloat:
+      decode(kernels.f32, dms::paged_store<const float>(store), q.data_ptr<float>(), G, sc, out.data_ptr<float>());
+      break;
+    case at::kHalf:
+      decode(kernels.f16, dms::paged_store<const Fp16>(store), static_cast<const Fp16*>(q.data_ptr()), G, sc,
+             out.data_ptr<c10::Half>());
+      break;
+    default:
+      decode(kernels.bf16, dms::paged_store<const Bf16>(store), static_cast<const Bf16*>(q.data_ptr()), G, sc,
+             out.data_ptr<c10::BFloat16>());
+      break;
   }
   return out;
 }

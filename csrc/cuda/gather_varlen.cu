@@ -6,28 +6,23 @@
 #include <torch/library.h>
 
 #include "dms/checks.h"
-#include "dms/ring.h"
 #include "launch.cuh"
 
 namespace {
 
 using dms::cuda::word_t;
 
-__global__ void gather_varlen_kernel(const word_t* pages, const int32_t* block_table, const int32_t* seq_lens,
-                                     const int32_t* cu_seqlens, int64_t max_pages, int32_t page_size, int64_t words,
-                                     word_t* packed) {
-  const int64_t s = blockIdx.x;
-  const int32_t* block_row = block_table + s * max_pages;
-  for (int32_t slot = 0; slot < seq_lens[s]; ++slot) {
-    const int64_t row = dms::slot_row(block_row, slot, page_size);
-    dms::cuda::copy_row(packed + (cu_seqlens[s] + slot) * words, pages + row * words, words);
-  }
+__global__ void gather_varlen_kernel(dms::PagedStore<const word_t> st, const int32_t* cu_seqlens, word_t* packed) {
+  const int64_t s = blockIdx.x, words = st.head_dim;
+  for (int32_t slot = 0; slot < st.seq_lens[s]; ++slot)
+    dms::cuda::copy_row(packed + (cu_seqlens[s] + slot) * words, st.k_row(st.row(s, slot)), words);
 }
 
 std::tuple<at::Tensor, at::Tensor, c10::SymInt> gather_varlen_cuda(const at::Tensor& pages,
                                                                    const at::Tensor& block_table,
                                                                    const at::Tensor& seq_lens) {
-  dms::check_gather_varlen(pages, block_table, seq_lens);
+  const dms::StoreTensors store{pages, {}, block_table, seq_lens};
+  dms::check_gather_varlen(store);
   const c10::cuda::CUDAGuard guard(pages.device());
   const int64_t S = block_table.size(0), D = pages.size(2);
   auto cu = at::zeros({S + 1}, seq_lens.options());
@@ -37,9 +32,7 @@ std::tuple<at::Tensor, at::Tensor, c10::SymInt> gather_varlen_cuda(const at::Ten
   auto packed = at::empty({N, D}, pages.options());
   if (N > 0 && D > 0) {
     gather_varlen_kernel<<<static_cast<unsigned>(S), dms::cuda::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        static_cast<const word_t*>(pages.data_ptr()), block_table.data_ptr<int32_t>(), seq_lens.data_ptr<int32_t>(),
-        cu.data_ptr<int32_t>(), block_table.size(1), static_cast<int32_t>(pages.size(1)),
-        dms::cuda::words_per_row(D, pages.element_size()), static_cast<word_t*>(packed.data_ptr()));
+        dms::paged_store<const word_t>(store), cu.data_ptr<int32_t>(), static_cast<word_t*>(packed.data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return {packed, cu, c10::SymInt(max_seqlen)};

@@ -1,4 +1,4 @@
-// Launch helpers shared by the CUDA kernels (BUILD-NOTES #4: c10/cuda headers only, no
+// Launch helpers shared by the CUDA kernels (docs/building.md #4: c10/cuda headers only, no
 // ATen/cuda/CUDAContext.h). Rows are copied as 16-bit words: every supported dtype is a whole
 // number of them, so the copy kernels need one instantiation.
 #pragma once

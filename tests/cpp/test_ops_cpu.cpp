@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "dms/ring.h"
+#include "dms/store_tensors.h"
 
 #include "dms_ops_test.h"
 
@@ -79,6 +80,26 @@ void test_append_chunking_and_retained_set() {
   }
 }
 
+// The kernels' view of the store: rows found through block_table, views of other widths.
+void test_paged_store_view() {
+  Store store(2, 8, 4, 3, 2, 6);
+  store.feed(at::arange(2 * 7 * 6, at::kFloat).view({2, 7, 6}), at::zeros({2, 7}, at::kBool), std::nullopt);
+  const dms::StoreTensors tensors{store.k_pages, store.v_pages, store.block_table, store.seq_lens, store.num_seen,
+                                  store.ring_slots, store.ring_flags, store.free_pages, store.free_top};
+  const auto st = dms::paged_store<const float>(tensors);
+  EXPECT(st.num_seqs == 2 && st.num_pages == 8 && st.max_pages == 3 && st.page_size == 4 && st.head_dim == 6);
+  EXPECT(st.ring_width == 3 && st.stride_row == 6 && st.stride_page == 24);
+  for (int64_t s = 0; s < 2; ++s)
+    for (int32_t slot = 0; slot < 7; ++slot) {
+      const float* k = st.k_row(st.row(s, slot));
+      EXPECT(k[0] == (s * 7 + slot) * 6 && k[5] == (s * 7 + slot) * 6 + 5);
+      EXPECT(st.v_row(st.row(s, slot))[1] == -k[1]);
+    }
+  const auto bytes = st.as<const char>();
+  EXPECT(bytes.head_dim == 24 && bytes.stride_page == 96);
+  EXPECT(bytes.k_row(bytes.row(1, 5)) == reinterpret_cast<const char*>(st.k_row(st.row(1, 5))));
+}
+
 void test_paged_decode_attention_matches_dense() {
   const int64_t S = 3, G = 4, D = 64, page_size = 16, max_pages = 8;
   Store store(S, S * max_pages, page_size, max_pages, 1000, D);
@@ -127,6 +148,7 @@ int main() {
   at::manual_seed(0);
   test_dry_run_matches_ring_replay();
   test_append_chunking_and_retained_set();
+  test_paged_store_view();
   test_paged_decode_attention_matches_dense();
   test_compact_matches_boolean_indexing();
   test_exhaustion_throws_and_changes_nothing();

@@ -9,6 +9,8 @@
 #include <initializer_list>
 #include <optional>
 
+#include "dms/store_tensors.h"
+
 namespace dms {
 
 // t must be on `device`, have the given sizes (-1 = any) and be contiguous. `layout` spells
@@ -73,22 +75,21 @@ inline void check_paged_store(const char* op, const char* name, const at::Tensor
   check_arg(op, "seq_lens", seq_lens, device, {S}, "[S]");
 }
 
-inline void check_gather_varlen(const at::Tensor& pages, const at::Tensor& block_table,
-                                const at::Tensor& seq_lens) {
-  check_paged_store("dms.gather_varlen", "pages", pages, block_table, seq_lens, block_table.size(0),
-                    pages.device());
+// The store of gather_varlen has its `pages` in k_pages.
+inline void check_gather_varlen(const StoreTensors& st) {
+  check_paged_store("dms.gather_varlen", "pages", st.k_pages, st.block_table, st.seq_lens, st.block_table.size(0),
+                    st.k_pages.device());
 }
 
-inline void check_paged_decode_attention(const at::Tensor& q, const at::Tensor& k_pages,
-                                         const at::Tensor& v_pages, const at::Tensor& block_table,
-                                         const at::Tensor& seq_lens, double scale) {
+inline void check_paged_decode_attention(const at::Tensor& q, const StoreTensors& st, double scale) {
   constexpr const char* op = "dms.paged_decode_attention";
+  const at::Tensor &k_pages = st.k_pages, &v_pages = st.v_pages;
   // The kernels scale in fp32: a double beyond float's range is as bad as inf.
   TORCH_CHECK(std::isfinite(static_cast<float>(scale)), op, ": scale must be finite in float32, got ", scale);
   check_float(op, "q", q);
   check_arg(op, "q", q, q.device(), {-1, -1, -1}, "[S, G, D]");
   const int64_t S = q.size(0);
-  check_paged_store(op, "k_pages", k_pages, block_table, seq_lens, S, q.device());
+  check_paged_store(op, "k_pages", k_pages, st.block_table, st.seq_lens, S, q.device());
   check_arg(op, "k_pages", k_pages, q.device(), {-1, -1, q.size(2)}, "[P, page_size, D] with q's D");
   check_dtype(op, "k_pages", k_pages, q.scalar_type());
   check_arg(op, "v_pages", v_pages, q.device(), {k_pages.size(0), k_pages.size(1), q.size(2)},
@@ -96,12 +97,12 @@ inline void check_paged_decode_attention(const at::Tensor& q, const at::Tensor& 
   check_dtype(op, "v_pages", v_pages, q.scalar_type());
 }
 
-inline void check_append(const at::Tensor& k_pages, const at::Tensor& v_pages, const at::Tensor& block_table,
-                         const at::Tensor& seq_lens, const at::Tensor& num_seen, const at::Tensor& ring_slots,
-                         const at::Tensor& ring_flags, const at::Tensor& free_pages, const at::Tensor& free_top,
-                         const at::Tensor& k, const at::Tensor& v, const at::Tensor& decisions,
-                         const std::optional<at::Tensor>& valid) {
+inline void check_append(const StoreTensors& st, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& decisions, const std::optional<at::Tensor>& valid) {
   constexpr const char* op = "dms.append";
+  const at::Tensor &k_pages = st.k_pages, &v_pages = st.v_pages, &block_table = st.block_table,
+                   &seq_lens = st.seq_lens, &num_seen = st.num_seen, &ring_slots = st.ring_slots,
+                   &ring_flags = st.ring_flags, &free_pages = st.free_pages, &free_top = st.free_top;
   const c10::Device device = k_pages.device();
   check_float(op, "k", k);
   check_arg(op, "k", k, device, {-1, -1, -1}, "[S, T, D]");

@@ -1,11 +1,11 @@
-// The delayed-eviction window of one sequence (DESIGN.md §1-§2, schema of `append`).
+// The delayed-eviction window of one sequence (docs/design.md §1-§2, schema of `append`).
 //
 // The ring holds the last W1 = window + 1 tokens: column n % W1 has the slot and the flag of
 // token n. Token n's decision flags token n-1; token n - W1 leaves the window when token n
 // arrives and, if flagged, hands its slot to token n.
 #pragma once
 
-#include "dms/common.h"
+#include "dms/paged_store.h"
 
 namespace dms {
 
@@ -67,15 +67,6 @@ DMS_HOST_DEVICE inline int32_t count_fresh_slots(const bool* ring_flags, int32_t
 
 // num_seen + T (and every token number of the chunk) fits int32; n0 >= 0.
 DMS_HOST_DEVICE inline bool num_seen_fits(int32_t n0, int64_t T) { return T <= INT32_MAX - n0; }
-
-DMS_HOST_DEVICE inline int32_t pages_for(int32_t slots, int32_t page_size) {
-  return (slots + page_size - 1) / page_size;
-}
-
-// Row of `slot` in the pages viewed as [P * page_size, D].
-DMS_HOST_DEVICE inline int64_t slot_row(const int32_t* block_row, int32_t slot, int32_t page_size) {
-  return static_cast<int64_t>(block_row[slot / page_size]) * page_size + slot % page_size;
-}
 
 // A fresh slot that starts a page maps that page to the next id popped from the free list
 // (`next_free` counts down from the top). Returns the slot's row.
