@@ -5,7 +5,7 @@
 #      dms/reference.py, the flash-attn decode branch when flash_attn is installed, the compiled
 #      FlexAttention training path);
 #   2. a decode benchmark on CUDA: DMSCache vs transformers' DynamicCache at 4K-32K context;
-#   3. the C++ operator benchmark (build/bench_ops, CPU) when it was built.
+#   3. the C++ operator benchmark (build/bench_ops: CPU, and cuda:0 when present) when it was built.
 # Usage: bash scripts/gpu_check.sh [extra pytest arguments]   (uses the active Python; run
 # `. scripts/setup-env.sh` first so that dms is built with its CUDA kernels)
 set -euo pipefail
@@ -88,7 +88,7 @@ for T in (4096, 16384, 32768):
 EOF
 
 if [ -x build/bench_ops ]; then
-  echo "== build/bench_ops (CPU operator benchmark)"
+  echo "== build/bench_ops (operator benchmark: CPU and cuda:0, GB/s)"
   ./build/bench_ops 5
 else
   echo "== build/bench_ops not built (see BENCHMARKS.md to build it); skipped"
