@@ -5,6 +5,12 @@ dms.reference.visibility_mask), an empty paged store, and a folder of tiny model
 dms/assets."""
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -120,3 +126,25 @@ def tiny_model_dir(root, seed: int = 0) -> dict:
         save_tokenizer(folder)
         paths[ratio] = folder
     return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script, args, nproc: int = 2, timeout: float = 240, env=None) -> tuple[int, str]:
+    """Runs ``script args...`` as ``nproc`` torchrun processes on 127.0.0.1 with 1 thread each;
+    returns (exit code, stderr). Launched in its own session, so a hang kills the launcher and
+    its workers, not just the launcher."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), *map(str, args)]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    return proc.returncode, stderr

@@ -4,14 +4,11 @@ one-line errors. The one-process runs happen in this process (a gloo group of on
 torchrun would), so the file launches torchrun once."""
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+from conftest import free_port, run_torchrun
 
 from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
@@ -49,28 +46,10 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path, jobs, nproc=2, env=None):
     (tmp_path / "worker.py").write_text(_WORKER)
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           str(tmp_path / "worker.py"), str(tmp_path / "jobs.json")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    # Own session, so a hang kills the launcher and its workers, not just the launcher.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    return proc.returncode, stderr
+    return run_torchrun(tmp_path / "worker.py", [tmp_path / "jobs.json"], nproc=nproc, env=env)
 
 
 @pytest.fixture
@@ -78,7 +57,7 @@ def one_process(monkeypatch):
     """Runs retrofit(...) as the only process of a torchrun job (gloo group of one)."""
     def run(model_dir, **opts):
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-        monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
         for k in ("RANK", "LOCAL_RANK"):
             monkeypatch.setenv(k, "0")
         monkeypatch.setenv("WORLD_SIZE", "1")

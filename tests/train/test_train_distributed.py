@@ -1,13 +1,10 @@
 """Two-process retrofit under torchrun with --sharding ddp (gloo on CPU): completes, and both
 ranks hold identical trained weights. FSDP: test_fsdp.py."""
 import json
-import os
-import signal
-import subprocess
-import sys
 import textwrap
 
 import torch
+from conftest import run_torchrun
 
 from dms.models.tiny import tiny_model
 
@@ -34,18 +31,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
             f.write(json.dumps({"input_ids": torch.randint(3, 128, (40,), generator=g).tolist()}) + "\n")
     (tmp_path / "worker.py").write_text(_WORKER)
     out = tmp_path / "out"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(tmp_path / "worker.py"), str(model_dir), str(tmp_path / "data.jsonl"), str(out)]
-    # Own session, so a hang kills the launcher and both workers, not just the launcher.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, stderr[-3000:]
+    code, stderr = run_torchrun(tmp_path / "worker.py", [model_dir, tmp_path / "data.jsonl", out], timeout=120)
+    assert code == 0, stderr[-3000:]
     a = torch.load(out / "params_rank0.pt")
     b = torch.load(out / "params_rank1.pt")
     assert a.keys() == b.keys() and a
