@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dms.attention.decisions import neuron_heads, neuron_logits, zero_neuron
-from dms.cache import DMSCache
+from dms.cache import DMSCache, _describe
 from dms.compat import cache_kwargs
 from dms.models.patch import _decoder_layers, runtime
 
@@ -286,9 +286,3 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         logits = fast.step(cache, tok, pos)
         pos = pos + 1
     return torch.cat(out, 1)
-
-
-def _describe(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return f"{x.dtype} {tuple(x.shape)}"
-    return type(x).__name__
