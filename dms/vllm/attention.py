@@ -19,10 +19,10 @@ from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata
 
+from dms.attention.masks import last_query, visible
 from dms.vllm.kv import USAGE, DMSAttentionSpec, Usage, register_spec
 from dms.vllm.store import LayerStore, PagePool
 
-NEVER = torch.iinfo(torch.int64).max
 
 
 @dataclass
@@ -247,17 +247,17 @@ class DMSAttention(nn.Module, AttentionLayerBase):
         idx = n0 + torch.arange(T, device=q.device)
         # Flag of token t = decision of token t + 1; the chunk's last token is not flagged yet.
         flag = torch.cat([dec[:, 1:], torch.zeros_like(dec[:, :1])], dim=1)
-        last_new = torch.where(flag, idx[None, :] + self.window, torch.full_like(flag, NEVER, dtype=torch.long))
+        last_new = last_query(idx[None, :].expand(H, T), flag, self.window)
         if keys.shape[1]:
             # The newest stored token is flagged by the chunk's first decision.
             has = dec[:, 0] & (newest >= 0)
             h = torch.nonzero(has).flatten()
-            last[h, newest[h]] = n0 - 1 + self.window
+            last[h, newest[h]] = last_query(torch.tensor(n0 - 1), torch.tensor(True), self.window)
         ks = torch.cat([keys, k.transpose(0, 1)], dim=1)[:, None]  # [H, 1, L+T, D]
         vs = torch.cat([values, v.transpose(0, 1)], dim=1)[:, None]
         lq = torch.cat([last, last_new], dim=1)  # [H, L+T]
         kidx = torch.cat([torch.full_like(last, -1), idx[None, :].expand(H, T)], dim=1)
-        allowed = (kidx[:, None, :] <= idx[None, :, None]) & (idx[None, :, None] <= lq[:, None, :])  # [H, T, L+T]
+        allowed = visible(kidx[:, None, :], lq[:, None, :], idx[None, :, None])  # [H, T, L+T]
         qs = q.reshape(T, H, Hq // H, D).permute(1, 2, 0, 3)  # [H, G, T, D]
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=self.scale, enable_gqa=True)
         return o.permute(2, 0, 1, 3).reshape(T, Hq, D)

@@ -15,6 +15,8 @@ import math
 import torch
 
 from dms._ops import ops
+from dms.attention.masks import NEVER, last_query
+from dms.store import PagedStore
 
 
 class PagePool:
@@ -75,44 +77,42 @@ class LayerStore:
                valid: torch.Tensor) -> None:
         """Feed k, v [R, T, D] (decisions, valid bool [R, T]) to sequence ``rows`` [R] in one op call.
         The op works on whole index tensors: it gets the rows' slices and they are written back."""
-        meta = [t[rows] for t in (self.block_table, self.seq_lens, self.num_seen, self.ring_slots, self.ring_flags)]
-        pool = self.pool
-        ops.append(self.k_pages, self.v_pages, *meta, pool.free_pages, pool.free_top, k, v, decisions, valid)
-        if int(pool.free_top[0]) < 0:  # the CUDA kernel cannot raise: it reports and writes nothing
-            raise RuntimeError(f"DMS page pool exhausted (free_top={int(pool.free_top[0])}); the KV manager's "
+        sub = self.view(rows)
+        sub.append(k, v, decisions, valid)
+        top = int(sub.free_top[0])
+        if top < 0:  # the CUDA kernel cannot raise: it reports and writes nothing
+            raise RuntimeError(f"DMS page pool exhausted (free_top={top}); the KV manager's "
                                "admission should have prevented this")
-        for t, m in zip((self.block_table, self.seq_lens, self.num_seen, self.ring_slots, self.ring_flags), meta):
-            t[rows] = m
+        self.block_table[rows], self.seq_lens[rows], self.num_seen[rows] = sub.block_table, sub.seq_lens, sub.num_seen
+        self.ring_slots[rows], self.ring_flags[rows] = sub.ring_slots, sub.ring_flags
 
     def decode(self, q: torch.Tensor, rows: torch.Tensor, scale: float) -> torch.Tensor:
         """q [R, G, D] for sequence ``rows`` [R] -> [R, G, D] over their live slots."""
         return ops.paged_decode_attention(q.contiguous(), self.k_pages, self.v_pages, self.block_table[rows],
                                           self.seq_lens[rows], scale)
 
+    def view(self, rows: torch.Tensor) -> PagedStore:
+        """The sequences ``rows`` as a PagedStore (index tensors copied, pages and free list
+        shared), so the plugin reads and writes its store through the project's one store type."""
+        pool = self.pool
+        return PagedStore(self.k_pages, self.v_pages, self.block_table[rows], self.seq_lens[rows],
+                          self.num_seen[rows], self.ring_slots[rows], self.ring_flags[rows], pool.free_pages,
+                          pool.free_top)
+
     def live_view(self, rows: torch.Tensor):
         """Live slots of ``rows`` as padded dense tensors for a prefill chunk:
         (keys [R, L, D], values, last_query int64 [R, L], newest_slot int64 [R] or -1, num_seen int64 [R]).
         ``last_query`` = last token index whose query may see the slot (docs/design.md §1)."""
-        lens = self.seq_lens[rows].long()
-        R, L, ps = rows.numel(), int(lens.max()) if rows.numel() else 0, self.page_size
-        slot = torch.arange(L, device=lens.device)
-        live = slot[None, :] < lens[:, None]
-        page = self.block_table[rows][:, slot // ps].long().clamp_min(0)
-        # Slots past a row's length hold stale memory (maybe NaN, which no mask cancels): zero them.
-        keys = self.k_pages[page, slot % ps].masked_fill_(~live[..., None], 0)
-        values = self.v_pages[page, slot % ps].masked_fill_(~live[..., None], 0)
-        last = torch.full((R, L), torch.iinfo(torch.int64).max, dtype=torch.int64, device=lens.device)
-        last.masked_fill_(~live, -1)
-        W1 = self.window + 1
-        n = self.num_seen[rows].long()
-        col = torch.arange(W1, device=lens.device)[None, :]
-        idx = n[:, None] - W1 + (col - n[:, None]) % W1  # token index held by ring column c
-        flagged = self.ring_flags[rows] & (idx >= 0)
-        ring_slot = self.ring_slots[rows].long()
-        r_idx = torch.arange(R, device=lens.device)[:, None].expand(R, W1)
+        store = self.view(rows)
+        keys, values, live = store.dense()
+        R, L = live.shape
+        last = torch.full((R, L), NEVER, dtype=torch.int64, device=live.device).masked_fill_(~live, -1)
+        slot, index, flagged = store.ring_tokens()
+        r_idx = torch.arange(R, device=live.device)[:, None].expand_as(slot)
         if L:
-            last[r_idx[flagged], ring_slot[flagged]] = idx[flagged] + self.window
-        newest = ring_slot[torch.arange(R, device=lens.device), (n - 1) % W1]
+            last[r_idx[flagged], slot[flagged]] = last_query(index, flagged, self.window)[flagged]
+        n = store.num_seen.long()
+        newest = slot[torch.arange(R, device=live.device), (n - 1) % (self.window + 1)]
         newest = torch.where(n > 0, newest, torch.full_like(newest, -1))
         return keys, values, last, newest, n
 
