@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="0 (the paper): the compression term sees each micro-batch's evicted fraction; beta in (0, 1): "
                         "a running mean over steps (beta * past + (1 - beta) * this batch), which stops small "
                         "micro-batches from ratcheting the CR past the target")
+    p.add_argument("--calibrated-compression", dest="calibrated_tolerance", type=float, nargs="?", const=0.05,
+                   default=d["calibrated_tolerance"].default, metavar="TOLERANCE",
+                   help="opt-in, not the paper: replace the one-sided term by a two-sided one per sequence that "
+                        "holds each sequence within TOLERANCE (default 0.05) of the target ratio at its own "
+                        "length, counting the window (docs/retrofit.md); --compression-ema is then unused")
+    p.add_argument("--calibrated-cap", type=float, default=d["calibrated_cap"].default,
+                   help="with --calibrated-compression: the most of a sequence's older-than-window tokens it is "
+                        "asked to evict (short sequences cannot reach a high ratio)")
     p.add_argument("--kl-chunk-tokens", type=int, default=d["kl_chunk_tokens"].default,
                    help="positions whose vocabulary logits are alive at once")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute layer activations in backward")

@@ -38,6 +38,10 @@ class TrainConfig:
     alpha_offset: float = 5.0
     compression_weight: float = 1.0
     compression_ema: float = 0.0  # 0: the term sees each micro-batch alone (the paper); see trainer
+    # None: the paper's one-sided term on the batch mean; a number: loss.calibrated_compression_loss
+    # with this tolerance (0.05 holds each sequence within 5% of the target ratio at its length).
+    calibrated_tolerance: float | None = None
+    calibrated_cap: float = 0.98  # the most of a sequence's older tokens the calibrated term asks to evict
     kl_chunk_tokens: int = 256  # rows of the [tokens, vocab] logit matrix alive at once
     attention_chunk: int | None = None  # query rows per chunk of the CPU training attention
     activation_checkpointing: bool = False
@@ -70,6 +74,9 @@ class TrainConfig:
             ("tau", self.tau > 0, "a number > 0"),
             ("compression_weight", self.compression_weight >= 0, "a number >= 0"),
             ("compression_ema", 0 <= self.compression_ema < 1, "a number in [0, 1)"),
+            ("calibrated_tolerance", self.calibrated_tolerance is None or 0 <= self.calibrated_tolerance < 1,
+             "None or a number in [0, 1)"),
+            ("calibrated_cap", 0 < self.calibrated_cap <= 1, "a number in (0, 1]"),
             ("kl_chunk_tokens", self.kl_chunk_tokens >= 1, "an int >= 1"),
             ("attention_chunk", self.attention_chunk is None or self.attention_chunk >= 1, "None or an int >= 1"),
             ("dtype", self.dtype in DTYPES, f"one of {DTYPES}"),

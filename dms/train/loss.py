@@ -1,5 +1,6 @@
-"""Retrofit loss: KL(student || teacher) on next-token distributions + the one-sided
-compression term, and the compression-ratio curriculum (docs/design.md §1)."""
+"""Retrofit loss: KL(student || teacher) on next-token distributions + the compression term
+(the paper's one-sided term, or the opt-in calibrated one), and the compression-ratio
+curriculum (docs/design.md §1)."""
 from __future__ import annotations
 
 import torch
@@ -20,12 +21,14 @@ def target_fraction(step: int, target_cr: float, ramp_steps: int) -> float:
     return 1.0 - 1.0 / compression_ratio_at(step, target_cr, ramp_steps)
 
 
-def evicted_fraction(decisions: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+def evicted_fraction(decisions: list[torch.Tensor], valid: torch.Tensor, per_row: bool = False) -> torch.Tensor:
     """Mean of the (straight-through) decisions [B, Hkv, T] of every layer over the entries
-    ``valid`` [B, T] marks (see ``dms.attention.training.decision_mask``)."""
+    ``valid`` [B, T] marks (see ``dms.attention.training.decision_mask``); with ``per_row``, one
+    mean per sequence [B]."""
     w = valid.to(decisions[0].dtype)[:, None, :]
-    total = sum((d * w).sum() for d in decisions)
-    count = sum(w.sum() * d.shape[1] for d in decisions)
+    dims = (1, 2) if per_row else (0, 1, 2)
+    total = sum((d * w).sum(dims) for d in decisions)
+    count = sum(w.sum(dims) * d.shape[1] for d in decisions)
     return total / count.clamp(min=1)
 
 
@@ -40,6 +43,30 @@ def mean_abs_logit(logits: list[torch.Tensor], valid: torch.Tensor) -> torch.Ten
 def compression_loss(fraction: torch.Tensor, target_frac: float) -> torch.Tensor:
     """max(0, target_frac - fraction): pushes eviction up to the target, never beyond."""
     return F.relu(target_frac - fraction)
+
+
+def window_fraction(cr: float, lengths: torch.Tensor, window: int, cap: float) -> torch.Tensor:
+    """Per sequence of ``lengths`` [B] tokens, the evicted fraction that leaves it at compression
+    ratio ``cr`` once all of it is in the cache: the newest ``window`` + 1 tokens are always held,
+    so holding T / cr tokens means evicting 1 - (T / cr - window - 1) / (T - window - 1) of the
+    older ones. Clamped to [0, ``cap``]: short sequences cannot reach a high ratio at all (T /
+    (window + 1) is the most), and asking for it would teach the model to drop everything."""
+    lengths = lengths.to(torch.float32)
+    older = (lengths - window - 1).clamp(min=1)
+    return (1.0 - (lengths / cr - window - 1) / older).clamp(0.0, cap)
+
+
+def calibrated_compression_loss(row_fraction: torch.Tensor, lengths: torch.Tensor, cr: float, window: int,
+                                tolerance: float, cap: float) -> torch.Tensor:
+    """Opt-in replacement of the paper's term. Two-sided and per sequence: each sequence's evicted
+    fraction is held between the fractions that give it ratio cr * (1 - tolerance) and
+    cr * (1 + tolerance) at its own length (``window_fraction``). The paper's term sees one mean
+    over a batch of mixed lengths, so the achieved ratio drifts with length (a constant eviction
+    rate gives T / (window + 1 + keep * (T - window - 1)), which grows with T) and it never pulls
+    back a ratio past the target."""
+    lo = window_fraction(cr * (1.0 - tolerance), lengths, window, cap)
+    hi = window_fraction(cr * (1.0 + tolerance), lengths, window, cap)
+    return (F.relu(lo - row_fraction) + F.relu(row_fraction - hi)).mean()
 
 
 def smoothed_fraction(fraction: torch.Tensor, running: float | None, beta: float) -> torch.Tensor:

@@ -13,6 +13,8 @@ an EOS comes an unrelated packed document; of a prompt + completion document, on
 that predict the completion), + compression_weight * max(0, target - evicted
 fraction), the fraction over every layer, KV head and decision that has a target token (with
 compression_ema > 0, the term sees a running mean of past steps' fractions: loss.smoothed_fraction).
+With calibrated_tolerance set (opt-in), the term is instead two-sided per sequence and counts the
+window: loss.calibrated_compression_loss.
 
 Eviction noise comes from torch's global RNG, seeded with ``seed + rank``: activation
 checkpointing restores that RNG (not a private generator) when it recomputes a layer, so the
@@ -46,8 +48,8 @@ from dms.train.checkpoint import (atomic_dir, export_consolidated, latest_checkp
 from dms.train.config import SUPPORTED_ARCHS, TrainConfig
 from dms.train.fsdp import launched_by_torchrun, local_rows, resolve_sharding, shard_student, shard_teacher
 from dms.train.data import SampleStream, one_per_row, pack, read_documents
-from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
-                            mean_abs_logit, smoothed_fraction)
+from dms.train.loss import (calibrated_compression_loss, compression_loss, compression_ratio_at, evicted_fraction,
+                            kl_student_teacher, mean_abs_logit, smoothed_fraction)
 
 STATE_FILE = "training_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -153,8 +155,10 @@ class _Student(nn.Module):
         kl = kl_student_teacher(h, teacher_h, head, head if teacher_head is None else teacher_head, kl_mask,
                                 self.kl_chunk_tokens)
         valid = decision_mask(real, *real.shape)
-        fraction = evicted_fraction(last_decisions(self.model), valid)
-        return kl, fraction, mean_abs_logit(last_logits(self.model), valid)
+        decisions = last_decisions(self.model)
+        fraction = evicted_fraction(decisions, valid)
+        row_fraction = evicted_fraction(decisions, valid, per_row=True)
+        return kl, fraction, row_fraction, mean_abs_logit(last_logits(self.model), valid)
 
 
 def _init_distributed(device: str | None, sharding: str = "auto"):
@@ -295,10 +299,14 @@ class Trainer:
             kl_mask = real & distilled if self.eos is None else real & distilled & (ids != self.eos)
             sync = m == accum - 1 or self.sharding != "ddp"
             with contextlib.nullcontext() if sync else self.student.no_sync():
-                kl, fraction, abs_logit = self.student(ids, attention_mask, position_ids, real, kl_mask, teacher_h,
-                                                       teacher_head)
-                comp = compression_loss(smoothed_fraction(fraction, self.running_fraction, cfg.compression_ema),
-                                        target_frac)
+                kl, fraction, row_fraction, abs_logit = self.student(ids, attention_mask, position_ids, real, kl_mask,
+                                                                     teacher_h, teacher_head)
+                if cfg.calibrated_tolerance is None:
+                    comp = compression_loss(smoothed_fraction(fraction, self.running_fraction, cfg.compression_ema),
+                                            target_frac)
+                else:
+                    comp = calibrated_compression_loss(row_fraction, real.sum(-1), cr, cfg.window,
+                                                       cfg.calibrated_tolerance, cfg.calibrated_cap)
                 ((kl + cfg.compression_weight * comp) / accum).backward()
             sums += torch.tensor([kl.item(), comp.item(), fraction.item(), abs_logit.item(), float(real.sum())],
                                  dtype=torch.float64)

@@ -1,5 +1,6 @@
 """Retrofit training (dms.train) on tiny random models: loss terms, curriculum, which
 parameters train, teacher exactness, resume, errors and the CLI."""
+import argparse
 import copy
 import json
 import math
@@ -8,11 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dms.cli.retrofit import add_arguments
 from dms.models.tiny import tiny_model
 from dms.train import TrainConfig, Trainer, retrofit
 from dms.train.data import DataError, Document, SampleStream, one_per_row, pack, read_documents
-from dms.train.loss import (compression_loss, compression_ratio_at, evicted_fraction, kl_student_teacher,
-                            mean_abs_logit, smoothed_fraction, target_fraction)
+from dms.train.loss import (calibrated_compression_loss, compression_loss, compression_ratio_at, evicted_fraction,
+                            kl_student_teacher, mean_abs_logit, smoothed_fraction, target_fraction, window_fraction)
 
 
 def _data(path, n_docs=30, seed=0):
@@ -66,6 +68,53 @@ def test_compression_terms_hand_computed():
     assert frac.item() == 0.5
     assert compression_loss(frac, 0.75).item() == 0.25
     assert compression_loss(frac, 0.25).item() == 0.0
+
+
+def test_per_row_fractions_hand_computed():
+    d0 = torch.tensor([[[1.0, 1.0, 0.0]], [[0.0, 1.0, 1.0]]])  # B=2, Hkv=1, T=3
+    d1 = torch.tensor([[[0.0, 0.0, 1.0]], [[1.0, 1.0, 1.0]]])
+    valid = torch.tensor([[False, True, True], [False, False, True]])
+    rows = evicted_fraction([d0, d1], valid, per_row=True)
+    assert rows.tolist() == [0.5, 1.0]  # row 0: 1,0 and 0,1; row 1: 1 and 1
+    assert evicted_fraction([d0, d1], valid).item() == pytest.approx(4 / 6)
+
+
+def test_window_fraction_hand_computed():
+    # T = 552, w = 16, CR 8: hold 69 = 17 (window + newest) + 52 of the 535 older tokens.
+    lengths = torch.tensor([552, 168, 100])
+    got = window_fraction(8.0, lengths, 16, 0.98)
+    assert got[0].item() == pytest.approx(1 - 52 / 535)
+    assert got[1].item() == pytest.approx(1 - 4 / 151)
+    assert got[2].item() == pytest.approx(0.98)  # 100 / 8 < 17: out of reach, capped
+    assert window_fraction(1.0, lengths, 16, 0.98).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_calibrated_term_is_two_sided_past_the_tolerance():
+    lengths = torch.tensor([552, 552, 552])
+    lo = window_fraction(8.0 * 0.9, lengths, 16, 0.98)[0].item()
+    hi = window_fraction(8.0 * 1.1, lengths, 16, 0.98)[0].item()
+    rows = torch.tensor([lo - 0.05, (lo + hi) / 2, hi + 0.02], requires_grad=True)
+    loss = calibrated_compression_loss(rows, lengths, 8.0, 16, 0.1, 0.98)
+    assert loss.item() == pytest.approx((0.05 + 0.02) / 3, abs=1e-6)
+    (g,) = torch.autograd.grad(loss, rows)
+    assert g.tolist() == pytest.approx([-1 / 3, 0.0, 1 / 3])  # up below, none inside, down above
+
+
+def test_calibrated_compression_trains_and_is_validated(tmp_path):
+    opts = _options(tmp_path, steps=6, target_cr=3.0, ramp_steps=0, calibrated_tolerance=0.05)
+    retrofit(tiny_model("llama"), **opts)
+    log = _log(opts["output_dir"])
+    assert len(log) == 6 and log[0]["compression_loss"] > 0  # nothing evicted yet: pushed up
+    with pytest.raises(ValueError, match="calibrated_tolerance"):
+        TrainConfig(**_options(tmp_path, calibrated_tolerance=1.5))
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    base = ["m", "--data", "d", "--output-dir", "o"]
+    assert p.parse_args(base).calibrated_tolerance is None  # the paper's term by default
+    assert p.parse_args(base + ["--calibrated-compression"]).calibrated_tolerance == 0.05
+    assert p.parse_args(base + ["--calibrated-compression", "0.1"]).calibrated_tolerance == 0.1
+    with pytest.raises(ValueError, match="calibrated_cap"):
+        TrainConfig(**_options(tmp_path, calibrated_cap=0.0))
 
 
 def test_smoothed_fraction_value_and_gradient():
