@@ -17,7 +17,7 @@ from transformers.cache_utils import Cache
 from dms.attention.decisions import neuron_heads, neuron_logits, zero_neuron
 from dms.attention.infer import causal_padding_mask, dense_attention
 from dms.attention.masks import visibility_mask
-from dms.attention.training import train_attention
+from dms.attention.training import causal_attention, train_attention
 from dms.cache import AttentionCache
 from dms.config import DMSConfig
 
@@ -138,13 +138,15 @@ def _infer(module, q, k, v, logits, padding, cache, window: int):
 
 def _off(module, q, k, v, attention_mask, padding, cache):
     """No eviction: a DMS cache stores everything (decisions all 0), a baseline cache evicts by
-    its policy, a plain transformers cache or none gives the vanilla computation."""
+    its policy, a plain transformers cache or none gives the vanilla computation: fused and
+    memory-linear without a cache (a retrofit's teacher runs here at training lengths), eager
+    (transformers' arithmetic) over a plain cache."""
     if isinstance(cache, AttentionCache):
         return cache.attend(module.layer_idx, q, k, v, None, padding, module.scaling)
+    if cache is None:
+        return causal_attention(q, k, v, padding, module.scaling)
     B, _, T, _ = q.shape
-    past = 0
-    if cache is not None:
-        past = cache.get_seq_length(module.layer_idx)
-        k, v = cache.update(k, v, module.layer_idx)
+    past = cache.get_seq_length(module.layer_idx)
+    k, v = cache.update(k, v, module.layer_idx)
     allowed = causal_padding_mask(attention_mask, B, T, past, q.device)
     return dense_attention(q, k, v, allowed, module.scaling)

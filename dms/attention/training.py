@@ -7,10 +7,10 @@ eviction logit of token t decides token t-1:
     score += log(1 - p[k])  where q - k > window   (0 inside the window, -inf above the diagonal)
 
 The noise is always sampled: this function only runs in training ("infer" mode uses hard
-decisions, "off" no eviction). It comes from ``generator`` when one is given, otherwise from
-torch's global RNG; the trainer uses the global RNG because activation checkpointing replays
-the global RNG state (not a private generator's) when it recomputes a layer, so the recomputed
-noise equals the original.
+decisions; "off", no eviction, runs ``causal_attention``). It comes from ``generator`` when one
+is given, otherwise from torch's global RNG; the trainer uses the global RNG because activation
+checkpointing replays the global RNG state (not a private generator's) when it recomputes a
+layer, so the recomputed noise equals the original.
 
 Decisions are returned aligned with ``logits``: index t is the decision produced by token t
 (about token t-1). Index 0 has no target token, nor does the first real token of a
@@ -140,6 +140,30 @@ def _flex_attention(q, k, v, log_keep, window, scale, padding_mask):
                                          enable_gqa=True)
 
 
+def causal_attention(q, k, v, padding_mask: torch.Tensor | None, scale: float,
+                     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
+    """Plain causal attention (mode "off" without a cache, e.g. the teacher of an adapter-only
+    retrofit) through torch's fused scaled_dot_product_attention, so memory is linear in the
+    sequence: no [T, T] scores. q [B, Hq, T, D], k, v [B, Hkv, T, D]; padding_mask bool [B, T]
+    (True = real token) hides pad keys. With padding the queries go in chunks whose boolean mask
+    (SDPA converts it to an additive float one) stays within ``chunk_elements`` elements. A pad
+    query sees its own key only: finite, and meaningless like every pad position's output."""
+    B, _, T, _ = q.shape
+    if padding_mask is None or bool(padding_mask.all()):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    real = padding_mask.bool()[:, None, None, :]
+    rows = max(1, chunk_elements // (B * T))
+    outs = []
+    for a in range(0, T, rows):
+        b = min(a + rows, T)
+        query = torch.arange(a, b, device=q.device)[:, None]
+        key = torch.arange(b, device=q.device)[None, :]
+        allowed = (key <= query) & (real[..., :b] | (key == query))
+        outs.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=allowed,
+                                                   scale=scale, enable_gqa=True))
+    return torch.cat(outs, dim=2)
+
+
 def train_attention(q, k, v, logits, *, window: int, tau: float, scale: float,
                     padding_mask: torch.Tensor | None, generator: torch.Generator | None,
                     backend: str = "auto", chunk_size: int | None = None):
@@ -182,4 +206,4 @@ def train_attention(q, k, v, logits, *, window: int, tau: float, scale: float,
     return out, hard, probs
 
 
-__all__ = ["train_attention", "attention_bias", "decision_mask", "eviction_probs"]
+__all__ = ["train_attention", "causal_attention", "attention_bias", "decision_mask", "eviction_probs"]

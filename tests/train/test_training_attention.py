@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dms import reference
-from dms.attention.training import attention_bias, decision_mask, eviction_probs, train_attention
+from dms.attention.training import attention_bias, causal_attention, decision_mask, eviction_probs, train_attention
 
 B, HQ, HKV, T, D, W = 2, 4, 2, 11, 8, 3
 
@@ -152,3 +152,43 @@ def test_bad_shapes_are_named():
         train_attention(q, k, v, logits[:, :, :-1], window=W, tau=0.1, scale=1.0, padding_mask=None, generator=None)
     with pytest.raises(ValueError, match="window"):
         train_attention(q, k, v, logits, window=0, tau=0.1, scale=1.0, padding_mask=None, generator=None)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("chunk", [None, 3 * B * T])
+def test_causal_attention_equals_eager(padded, chunk):
+    """Mode "off" without a cache (fused, chunked when padded) against the eager arithmetic it
+    replaced, at every real query."""
+    from dms.attention.infer import causal_padding_mask, dense_attention
+
+    q, k, v, _ = _inputs(3)
+    pm = _left_padding() if padded else None
+    eager = dense_attention(q, k, v, causal_padding_mask(pm, B, T, 0, q.device), 0.3)
+    fused = causal_attention(q, k, v, pm, 0.3, **({} if chunk is None else {"chunk_elements": chunk}))
+    real = torch.ones(B, T, dtype=torch.bool) if pm is None else pm
+    torch.testing.assert_close(fused.transpose(1, 2)[real], eager.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+    assert torch.isfinite(fused).all()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_teacher_logits_equal_the_eager_model(arch):
+    """The adapter-only teacher (the DMS model in mode "off", no cache) gives the logits of the
+    plain model, whose tiny configuration uses transformers' eager attention."""
+    import copy
+
+    import dms
+    from conftest import left_padded
+    from dms.models import set_mode
+    from dms.models.tiny import tiny_model
+
+    plain = tiny_model(arch)
+    model = copy.deepcopy(plain)
+    dms.apply(model, dms_window_size=4)
+    set_mode(model, "off")
+    ids, mask = left_padded([19, 12], seed=2)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        for m, p, real in ((mask, pos, mask.bool()), (None, None, torch.ones_like(mask, dtype=torch.bool))):
+            got = model(input_ids=ids, attention_mask=m, position_ids=p, use_cache=False).logits
+            want = plain(input_ids=ids, attention_mask=m, position_ids=p, use_cache=False).logits
+            torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=1e-5)
