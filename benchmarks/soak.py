@@ -34,7 +34,7 @@ def evicting_model(window: int, steps: int):
     dms.apply(model, dms_window_size=window, dms_separate_alpha=True)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit = 1 * alpha_scale - offset > 0
+            layer.self_attn.dms_proj_alpha.bias.fill_(1.0)  # logit = 1 * alpha_scale - offset > 0
     return model
 
 

@@ -29,6 +29,9 @@ class DMSConfig:
     dms_alpha_per: str = "head"
     dms_separate_alpha: bool = False
     dms_cr: float = 8.0
+    # The reference's switch for running a DMS checkpoint with no eviction: decisions are all 0,
+    # everything else (the zeroed borrowed neuron included) as with eviction.
+    dms_disable_eviction: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -40,6 +43,7 @@ class DMSConfig:
             ("dms_alpha_per", self.dms_alpha_per in ALPHA_PER, f"one of {ALPHA_PER}"),
             ("dms_separate_alpha", isinstance(self.dms_separate_alpha, bool), "a bool"),
             ("dms_cr", _is_number(self.dms_cr) and self.dms_cr >= 1, "a number >= 1 (target compression ratio)"),
+            ("dms_disable_eviction", isinstance(self.dms_disable_eviction, bool), "a bool"),
         ]
         for key, ok, expected in checks:
             if not ok:

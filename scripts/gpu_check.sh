@@ -54,7 +54,7 @@ dense.set_attn_implementation("sdpa")
 model = dms.apply(tiny_model("llama", seed=0, **MODEL), dms_window_size=WINDOW, dms_separate_alpha=True)
 with torch.no_grad():
     for layer in model.model.layers:
-        layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # evict every token leaving the window
+        layer.self_attn.dms_proj_alpha.bias.fill_(1.0)  # evict every token leaving the window
 model = model.to(dev, dtype)
 flash = dms.store.flash_attn_with_kvcache is not None
 print(f"decode kernel: {'flash_attn_with_kvcache' if flash else 'torch.ops.dms.paged_decode_attention'}")

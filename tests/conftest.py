@@ -48,9 +48,9 @@ def forced_dms_model(arch: str, variant: str = "neuron", window: int = 3, seed: 
         for layer in model.model.layers:
             attn = layer.self_attn
             if variant == "adapter":
-                w = attn.dms_adapter.proj.weight
+                w = attn.dms_proj_alpha.weight
                 w.copy_(torch.randn(w.shape, generator=gen) * 0.3)
-                attn.dms_adapter.proj.bias.fill_(0.05)
+                attn.dms_proj_alpha.bias.fill_(0.05)
             else:
                 D = attn.head_dim
                 rows = attn.q_proj.weight.view(-1, D, attn.q_proj.weight.shape[1])[:, -1]
@@ -120,7 +120,7 @@ def tiny_model_dir(root, seed: int = 0) -> dict:
         dms.apply(model, dms_window_size=window, dms_separate_alpha=True)
         with torch.no_grad():
             for layer in model.model.layers:
-                layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
+                layer.self_attn.dms_proj_alpha.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
         folder = root / f"dms-{ratio}x"
         model.save_pretrained(folder)
         save_tokenizer(folder)

@@ -43,18 +43,31 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class DMSAdapter(nn.Module):
-    """``Linear(hidden -> n_logits)(RMSNorm(x_residual))``, zero-initialised so that a fresh
-    adapter gives logit ``-alpha_offset`` (keep everything). n_logits = H_kv, or 1 per layer."""
+# The adapter's module names in NVIDIA's reference implementation (self_attn.<name>), which dms
+# reads and writes; dms's earlier checkpoints used self_attn.dms_adapter.{norm,proj}.
+ADAPTER_NORM, ADAPTER_PROJ = "dms_proj_alpha_norm", "dms_proj_alpha"
 
-    def __init__(self, hidden_size: int, n_logits: int, eps: float):
-        super().__init__()
-        self.norm = RMSNorm(hidden_size, eps)
-        self.proj = nn.Linear(hidden_size, n_logits, bias=True)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
 
-    def logits(self, residual: torch.Tensor, n_kv_heads: int, scale: float, offset: float) -> torch.Tensor:
-        """residual [B, T, hidden] -> logits [B, H_kv, T]."""
-        out = self.proj(self.norm(residual)).transpose(1, 2) * scale - offset
-        return out.expand(-1, n_kv_heads, -1)
+def add_adapter(attn: nn.Module, hidden_size: int, n_kv_heads: int, eps: float, bias: bool = True) -> None:
+    """Gives the attention module the adapter ``Linear(hidden -> H_kv)(RMSNorm(x_residual))``,
+    zero-initialised so that a fresh adapter gives logit ``-alpha_offset`` (keep everything).
+    H_kv outputs also for ``alpha_per="layer"`` (which reads output 0), as in the reference.
+    The reference has a bias only with ``attention_bias``; a dms adapter has one unless it
+    loads a checkpoint that has none (dms.from_pretrained decides)."""
+    norm = RMSNorm(hidden_size, eps)
+    proj = nn.Linear(hidden_size, n_kv_heads, bias=bias)
+    nn.init.zeros_(proj.weight)
+    if bias:
+        nn.init.zeros_(proj.bias)
+    setattr(attn, ADAPTER_NORM, norm)
+    setattr(attn, ADAPTER_PROJ, proj)
+
+
+def adapter_logits(attn: nn.Module, residual: torch.Tensor, alpha_per: str, scale: float,
+                   offset: float) -> torch.Tensor:
+    """residual [B, T, hidden] (the decoder layer's input, before its input norm) -> logits
+    [B, H_kv, T]."""
+    out = getattr(attn, ADAPTER_PROJ)(getattr(attn, ADAPTER_NORM)(residual)).transpose(1, 2)
+    if alpha_per == "layer":
+        out = out[:, :1].expand_as(out)
+    return out * scale - offset

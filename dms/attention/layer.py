@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from dms.attention.decisions import neuron_heads, neuron_logits, zero_neuron
+from dms.attention.decisions import adapter_logits, neuron_heads, neuron_logits, zero_neuron
 from dms.attention.infer import causal_padding_mask, dense_attention
 from dms.attention.masks import visibility_mask
 from dms.attention.training import causal_attention, train_attention
@@ -22,6 +22,9 @@ from dms.cache import AttentionCache
 from dms.config import DMSConfig
 
 MODES = ("infer", "train", "off")
+# The logit of every token under dms_disable_eviction (the reference's value): finite, so that
+# train mode's noise and sigmoid stay finite too.
+NEVER_EVICT = -1000.0
 
 
 @dataclass
@@ -103,10 +106,13 @@ def _project(module, hidden_states, position_embeddings, residual, rope, runtime
     logits = heads = None
     if runtime.mode != "off":
         if cfg.dms_separate_alpha:
-            logits = module.dms_adapter.logits(residual, Hkv, cfg.dms_alpha_scale, cfg.dms_initial_alpha_offset)
+            logits = adapter_logits(module, residual, cfg.dms_alpha_per, cfg.dms_alpha_scale,
+                                    cfg.dms_initial_alpha_offset)
         else:
             logits, q = neuron_logits(q, Hkv, cfg.dms_alpha_per, cfg.dms_alpha_scale, cfg.dms_initial_alpha_offset)
             heads = neuron_heads(q.shape[1], Hkv, cfg.dms_alpha_per)
+        if cfg.dms_disable_eviction:
+            logits = torch.full_like(logits, NEVER_EVICT)
     cos, sin = position_embeddings
     q, k = rope(q, k, cos, sin)
     if heads is not None:

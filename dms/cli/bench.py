@@ -45,7 +45,7 @@ def _models(window: int):
     dms.apply(model, dms_window_size=window, dms_separate_alpha=True)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
+            layer.self_attn.dms_proj_alpha.bias.fill_(1.0)  # logit 100 - 5 > 0: always evict
     return dense, model
 
 

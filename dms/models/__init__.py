@@ -67,7 +67,7 @@ def borrowed_neuron_rows(model) -> dict[int, torch.Tensor]:
 def dms_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
     """The adapter parameters (empty for the borrowed-neuron variant)."""
     runtime(model)
-    return [(n, p) for n, p in model.named_parameters() if ".dms_adapter." in n]
+    return [(n, p) for n, p in model.named_parameters() if ".dms_proj_alpha" in n]
 
 
 def dms_config(model):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dms.attention.decisions import neuron_heads, neuron_logits, zero_neuron
+from dms.attention.decisions import adapter_logits, neuron_heads, neuron_logits, zero_neuron
 from dms.cache import DMSCache, _describe
 from dms.compat import cache_kwargs
 from dms.models.patch import _decoder_layers, runtime
@@ -69,7 +69,7 @@ class _Layer:
     qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's weight per q head, then k_norm's
     o_proj: tuple  # (weight, bias)
     down: tuple  # (weight, bias)
-    adapter: torch.nn.Module | None
+    adapter: torch.nn.Module | None  # the attention module that holds the adapter, or None
 
 
 class FastDecoder:
@@ -88,6 +88,7 @@ class FastDecoder:
         self.scaling, self.eps = attn0.scaling, cfg.rms_norm_eps
         self.adapter = bool(dcfg.dms_separate_alpha)
         self.alpha = (dcfg.dms_alpha_per, dcfg.dms_alpha_scale, dcfg.dms_initial_alpha_offset)
+        self.evict = not dcfg.dms_disable_eviction
         self.silu = getattr(cfg, "hidden_act", None) == "silu"
         fused_bytes = sum(sum(m.weight.numel() * m.weight.element_size() for m in
                               (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.mlp.gate_proj,
@@ -117,7 +118,7 @@ class FastDecoder:
                 self.layers.append(_Layer(a, m, l.input_layernorm.weight, l.post_attention_layernorm.weight, qkv,
                                           gate_up, qk_norm, (a.o_proj.weight, a.o_proj.bias),
                                           (m.down_proj.weight, m.down_proj.bias),
-                                          a.dms_adapter if self.adapter else None))
+                                          a if self.adapter else None))
         self.fused = fuse
         self._source = _weights_version(model)
 
@@ -177,7 +178,7 @@ class FastDecoder:
             if layer.qk_norm is not None:
                 qk = _rms_norm(qk, layer.qk_norm, self.eps)
             if layer.adapter is not None:
-                logits = layer.adapter.logits(h[:, None], Hkv, a_scale, offset)[..., 0]
+                logits = adapter_logits(layer.adapter, h[:, None], per, a_scale, offset)[..., 0]
             else:
                 logits, _ = neuron_logits(qk[:, :Hq, None], Hkv, per, a_scale, offset)
                 logits = logits[..., 0]
@@ -185,7 +186,8 @@ class FastDecoder:
             qk = qk * cos + qk.roll(D // 2, -1) * sin
             if self.keep is not None:
                 qk = qk * self.keep  # RoPE mixed the zeroed dimension with its pair: zero it again
-            store.append(qk[:, Hq:].reshape(S, 1, D), v.reshape(S, 1, D), (logits > 0).reshape(S, 1), None)
+            evict = (logits > 0) & self.evict
+            store.append(qk[:, Hq:].reshape(S, 1, D), v.reshape(S, 1, D), evict.reshape(S, 1), None)
             out = store.decode_attention(qk[:, :Hq].reshape(S, G, D), self.scaling)
             h = h + F.linear(out.view(B, Hq * D), *layer.o_proj)
             x = _rms_norm(h, layer.ln2, self.eps)

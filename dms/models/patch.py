@@ -2,7 +2,8 @@
 
 What changes: each attention module's class becomes a subclass whose forward is
 ``dms.attention.dms_attention_forward``; the adapter variant gets a zero-initialised
-``self_attn.dms_adapter`` (extra state-dict keys); the model class becomes a subclass with
+adapter under the reference implementation's names, ``self_attn.dms_proj_alpha_norm`` and
+``self_attn.dms_proj_alpha`` (extra state-dict keys); the model class becomes a subclass with
 the *same name* (so ``save_pretrained`` still writes the base architecture) that uses a
 ``DMSCache`` by default; the config gets the flat ``dms_*`` keys and the attention
 implementation "dms", whose mask builder hands the 2D padding mask to the layers unchanged
@@ -15,7 +16,7 @@ import sys
 import torch
 from transformers.masking_utils import AttentionMaskInterface
 
-from dms.attention.decisions import DMSAdapter
+from dms.attention.decisions import ADAPTER_NORM, ADAPTER_PROJ, add_adapter
 from dms.attention.layer import DMSRuntime, checked_cache, dms_attention_forward
 from dms.cache import DMSCache
 from dms.compat import CACHE_ARG, either_cache
@@ -74,9 +75,14 @@ def dms_model_class(base: type) -> type:
     if getattr(base, "_dms_base", None) is not None:
         return base
     if base not in _MODEL_CLASSES:
-        def __init__(self, config, *args, **kwargs):
+        def __init__(self, config, *args, dms_adapter_bias: bool = True, dms_earlier_layout: bool = False, **kwargs):
             base.__init__(self, config, *args, **kwargs)
-            install(self, DMSConfig.from_model_config(config))
+            install(self, DMSConfig.from_model_config(config), adapter_bias=dms_adapter_bias)
+            if dms_earlier_layout:  # dms.from_pretrained renames and loads the adapter itself
+                self._keys_to_ignore_on_load_unexpected = {*(self._keys_to_ignore_on_load_unexpected or ()),
+                                                           r"\.dms_adapter\."}
+                self._keys_to_ignore_on_load_missing = {*(self._keys_to_ignore_on_load_missing or ()),
+                                                        rf"\.{ADAPTER_PROJ}"}
 
         def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                     inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, cache=None, **kwargs):
@@ -147,8 +153,9 @@ def _keep_residual(layer, args, kwargs):
     layer.self_attn.__dict__["_dms_residual"] = hidden
 
 
-def install(model, dms_config: DMSConfig) -> None:
-    """Add DMS to ``model`` in place (idempotent per model: raises if already installed)."""
+def install(model, dms_config: DMSConfig, adapter_bias: bool = True) -> None:
+    """Add DMS to ``model`` in place (idempotent per model: raises if already installed).
+    ``adapter_bias`` False: the adapter has no bias, as in a reference checkpoint without one."""
     check_supported(model.config)
     if getattr(model, "_dms_runtime", None) is not None:
         raise ValueError("this model already has DMS installed; change modes with dms.models.set_mode")
@@ -172,11 +179,10 @@ def install(model, dms_config: DMSConfig) -> None:
         attn.__class__ = _attention_class(type(attn))
         attn._dms_runtime = runtime
         if dms_config.dms_separate_alpha:
-            n_logits = 1 if dms_config.dms_alpha_per == "layer" else n_kv
-            adapter = DMSAdapter(cfg.hidden_size, n_logits, cfg.rms_norm_eps)
+            add_adapter(attn, cfg.hidden_size, n_kv, cfg.rms_norm_eps, bias=adapter_bias)
             if param.device.type != "meta":
-                adapter = adapter.to(device=param.device, dtype=param.dtype)
-            attn.dms_adapter = adapter
+                for name in (ADAPTER_NORM, ADAPTER_PROJ):
+                    getattr(attn, name).to(device=param.device, dtype=param.dtype)
             layer.register_forward_pre_hook(_keep_residual, with_kwargs=True)
     model._dms_runtime = runtime
     cfg._attn_implementation_internal = ATTN_IMPL
@@ -208,12 +214,3 @@ def runtime(model) -> DMSRuntime:
 
 def dms_modules(model):
     return [layer.self_attn for layer in _decoder_layers(model)]
-
-
-def zero_init_adapters(model) -> None:
-    with torch.no_grad():
-        for attn in dms_modules(model):
-            if hasattr(attn, "dms_adapter"):
-                torch.nn.init.zeros_(attn.dms_adapter.proj.weight)
-                torch.nn.init.zeros_(attn.dms_adapter.proj.bias)
-                torch.nn.init.ones_(attn.dms_adapter.norm.weight)

@@ -63,3 +63,43 @@ def tiny_model(arch: str, seed: int = 0, **overrides: Any):
         torch.manual_seed(seed)
         model = model_cls(config)
     return model.float().eval()
+
+
+# The dms_* keys NVIDIA's reference Qwen3ConfigDMS writes to config.json (its defaults, adapter
+# variant); it also drops "architectures" and adds an auto_map to its remote code.
+REFERENCE_DMS_KEYS: dict[str, Any] = dict(
+    dms_alpha_scale=100.0, dms_initial_alpha_offset=5.0, dms_window_size=512, dms_paged_attention_block_size=256,
+    dms_cr=8, dms_disable_eviction=False, dms_separate_alpha=True, dms_alpha_per="head", dms_tau=0.1,
+    dms_manual_inference_mode=False, dms_chunked_prefill=None, dms_preallocate_for_tokens=4096)
+REFERENCE_AUTO_MAP = {"AutoConfig": "configuration_qwen3_dms.Qwen3ConfigDMS",
+                      "AutoModelForCausalLM": "modeling_qwen3_dms.Qwen3ForCausalLMDMS"}
+
+
+def save_reference_checkpoint(path, seed: int = 0, adapter_scale: float = 0.05, **dms_keys: Any):
+    """Writes a random tiny Qwen3 adapter-variant DMS checkpoint to the folder ``path`` laid out as
+    the reference implementation saves one: bfloat16 safetensors with the adapter under
+    ``self_attn.dms_proj_alpha_norm.weight`` and ``self_attn.dms_proj_alpha.weight`` [H_kv,
+    hidden] (no bias: attention_bias is false), and a config.json without ``architectures``.
+    ``dms_keys`` override REFERENCE_DMS_KEYS. Returns {tensor name: tensor} as written."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    model = tiny_model("qwen3", seed=seed)
+    c = model.config
+    config = {k: v for k, v in c.to_dict().items() if k != "architectures" and not k.startswith("_")}
+    config.update(REFERENCE_DMS_KEYS, **dms_keys)
+    config.update(auto_map=REFERENCE_AUTO_MAP, dtype="bfloat16")
+    tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for i in range(c.num_hidden_layers):
+        attn = f"model.layers.{i}.self_attn."
+        tensors[attn + "dms_proj_alpha_norm.weight"] = (1 + 0.1 * torch.randn(c.hidden_size, generator=gen)).bfloat16()
+        tensors[attn + "dms_proj_alpha.weight"] = (
+            adapter_scale * torch.randn(c.num_key_value_heads, c.hidden_size, generator=gen)).bfloat16()
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    return tensors

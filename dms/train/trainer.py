@@ -493,7 +493,7 @@ def _checkpoint_layers(model) -> None:
     from dms.models.patch import _keep_residual
 
     for layer in model.model.layers:
-        adapter = hasattr(layer.self_attn, "dms_adapter")
+        adapter = hasattr(layer.self_attn, "dms_proj_alpha")
 
         def run(*args, _forward=layer.forward, _layer=layer, _adapter=adapter, **kwargs):
             if _adapter:

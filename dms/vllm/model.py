@@ -8,8 +8,10 @@ otherwise: DMS checkpoints need no flag and plain ones keep the stock path.
 The DMS model runs the checkpoint's transformers modules (embeddings, norms, projections,
 MLP, rotary embedding) on the flattened batch, so its arithmetic is the transformers path's;
 attention is dms.vllm.attention on the plugin's store. Weights load under the checkpoint's
-own names; the adapter is read under the reference names (``self_attn.dms_proj_alpha_norm``,
-``self_attn.dms_proj_alpha``) and dms's earlier ones (``self_attn.dms_adapter.{norm,proj}``).
+own names; the adapter lives under the reference implementation's names
+(``self_attn.dms_proj_alpha_norm``, ``self_attn.dms_proj_alpha``, as dms.from_pretrained
+builds it) and is also read under dms's earlier ones (``self_attn.dms_adapter.{norm,proj}``,
+one output per layer for ``dms_alpha_per="layer"``). ``dms_disable_eviction`` keeps every token.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from dms.attention.decisions import ADAPTER_NORM, ADAPTER_PROJ, add_adapter, adapter_logits
 from dms.config import DMSConfig
 from dms.vllm.attention import DMSAttention, SlotTable, build_stores
 
@@ -28,33 +31,23 @@ ARCHITECTURES = {  # HF architecture -> (vLLM module, class); the model types dm
     "Qwen2ForCausalLM": ("vllm.model_executor.models.qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("vllm.model_executor.models.qwen3", "Qwen3ForCausalLM"),
 }
-_ADAPTER_NAMES = {".dms_proj_alpha_norm.": ".dms_adapter.norm.", ".dms_proj_alpha.": ".dms_adapter.proj."}
+_EARLIER_NAMES = {".dms_adapter.norm.": f".{ADAPTER_NORM}.", ".dms_adapter.proj.": f".{ADAPTER_PROJ}."}
 
 
 def is_dms_config(hf_config) -> bool:
     return getattr(hf_config, "dms_window_size", None) is not None
 
 
-class _RMSNorm(nn.Module):
-    """Llama/Qwen RMSNorm arithmetic (fp32 statistics), the adapter's input norm."""
+def name_causal_lm(hf_config) -> None:
+    """The reference implementation saves DMS checkpoints without ``architectures``, and vLLM
+    then names the model type's base model (``Qwen3Model``): name its causal LM instead."""
+    if not is_dms_config(hf_config) or any(a in ARCHITECTURES for a in hf_config.architectures or ()):
+        return
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    def __init__(self, hidden: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden))
-        self.eps = eps
-
-    def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
-
-
-class _Adapter(nn.Module):
-    def __init__(self, hidden: int, n_logits: int, eps: float):
-        super().__init__()
-        self.norm = _RMSNorm(hidden, eps)
-        self.proj = nn.Linear(hidden, n_logits, bias=True)
-        nn.init.zeros_(self.proj.bias)  # reference checkpoints without attention_bias have no bias
+    arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
+    if arch in ARCHITECTURES:
+        hf_config.architectures = [arch]
 
 
 def refuse_unsupported(vllm_config) -> None:
@@ -89,7 +82,6 @@ class DMSForCausalLM(nn.Module):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.dms = DMSConfig.from_model_config(config)
-        self.dms_off = bool(config.to_dict().get("dms_disable_eviction"))  # the reference's "run as vanilla"
         hf = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
         self.model, self.lm_head = hf.model, hf.lm_head
         windowed = [i for i, layer in enumerate(self.model.layers)
@@ -103,9 +95,8 @@ class DMSForCausalLM(nn.Module):
         first = self.model.layers[0].self_attn
         self.head_dim, self.scale = first.head_dim, first.scaling
         if self.dms.dms_separate_alpha:
-            n_logits = 1 if self.dms.dms_alpha_per == "layer" else H
-            for layer in self.model.layers:
-                layer.self_attn.dms_adapter = _Adapter(config.hidden_size, n_logits, config.rms_norm_eps)
+            for layer in self.model.layers:  # with a bias, zero unless the checkpoint has one
+                add_adapter(layer.self_attn, config.hidden_size, H, config.rms_norm_eps)
         else:
             group = Hq // H
             self.neuron_heads = [0] if self.dms.dms_alpha_per == "layer" else [h * group for h in range(H)]
@@ -170,20 +161,17 @@ class DMSForCausalLM(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, N, D]
         H = k.shape[1]
         cfg = self.dms
-        if self.dms_off:
-            logits = None
-        elif cfg.dms_separate_alpha:
-            logits = mod.dms_adapter.proj(mod.dms_adapter.norm(residual))[0] * cfg.dms_alpha_scale \
-                - cfg.dms_initial_alpha_offset  # [N, n_logits]
-            logits = logits.expand(N, H)
+        if cfg.dms_separate_alpha:
+            logits = adapter_logits(mod, residual, cfg.dms_alpha_per, cfg.dms_alpha_scale,
+                                    cfg.dms_initial_alpha_offset)[0].T  # [N, H]
         else:
             logits = q[0, self.neuron_heads, :, -1].T * cfg.dms_alpha_scale - cfg.dms_initial_alpha_offset
             logits = logits.expand(N, H)
             q = self._zero_neuron(q)
         q, k = self.rope(q, k, cos, sin)
-        if logits is not None and not cfg.dms_separate_alpha:
+        if not cfg.dms_separate_alpha:
             q = self._zero_neuron(q)  # RoPE mixed the zeroed dimension with its pair: zero it again
-        decisions = torch.zeros(N, H, dtype=torch.bool, device=x.device) if logits is None else logits > 0
+        decisions = (logits > 0) & (not cfg.dms_disable_eviction)
         out = attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v, decisions.contiguous(), plan)
         return mod.o_proj(out.reshape(1, N, -1))
 
@@ -194,9 +182,11 @@ class DMSForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
+        per_layer = self.dms.dms_alpha_per == "layer"
         loaded = set()
         for name, w in weights:
-            for old, new in _ADAPTER_NAMES.items():
+            earlier = ".dms_adapter." in name
+            for old, new in _EARLIER_NAMES.items():
                 name = name.replace(old, new)
             if name not in params:
                 if name == "lm_head.weight" and self.config.tie_word_embeddings:
@@ -205,13 +195,16 @@ class DMSForCausalLM(nn.Module):
                     raise ValueError(f"checkpoint has DMS weight {name} that the config does not use (check "
                                      "dms_separate_alpha / dms_alpha_per in config.json)")
                 continue  # buffers such as rotary inv_freq
-            if params[name].shape != w.shape:
-                raise ValueError(f"weight {name} has shape {tuple(w.shape)}, the model expects "
-                                 f"{tuple(params[name].shape)}")
+            p = params[name]
+            if earlier and per_layer and f".{ADAPTER_PROJ}." in name and w.shape[:1] == (1,):
+                w = torch.cat([w, w.new_zeros((p.shape[0] - 1, *w.shape[1:]))])  # outputs 1.. are unused
+            if p.shape != w.shape:
+                raise ValueError(f"weight {name} has shape {tuple(w.shape)}, the model expects {tuple(p.shape)}")
             with torch.no_grad():
-                params[name].copy_(w)
+                p.copy_(w)
             loaded.add(name)
-        missing = sorted(n for n in params if n not in loaded and not n.endswith("dms_adapter.proj.bias"))
+        # The reference has no adapter bias unless attention_bias: it stays zero.
+        missing = sorted(n for n in params if n not in loaded and not n.endswith(f"{ADAPTER_PROJ}.bias"))
         if missing:
             raise ValueError(f"checkpoint lacks weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")
         return set(params)

@@ -160,7 +160,7 @@ def test_model_forward_refused_mid_model_reports_the_cache_unusable():
 
     model = dms.apply(tiny_model("llama"), dms_window_size=2, dms_separate_alpha=True)
     with torch.no_grad():
-        model.model.layers[0].self_attn.dms_adapter.proj.bias.fill_(1.0)  # logit 95: evict
+        model.model.layers[0].self_attn.dms_proj_alpha.bias.fill_(1.0)  # logit 95: evict
     cache = DMSCache(model, page_size=2, max_pages=8)  # layer 1: 2 KV heads x 4 pages = 8 tokens each
     ids = torch.randint(3, 128, (1, 6))
     with torch.no_grad():

@@ -15,7 +15,8 @@ from dms.config import DMSConfigError
 
 ASSETS = Path(dms.__file__).resolve().parent / "assets"
 NOT_DMS = ("not a DMS checkpoint: its config has no 'dms_window_size' (expected the dms_* keys dms_window_size, "
-           "dms_alpha_scale, dms_initial_alpha_offset, dms_tau, dms_alpha_per, dms_separate_alpha, dms_cr); "
+           "dms_alpha_scale, dms_initial_alpha_offset, dms_tau, dms_alpha_per, dms_separate_alpha, dms_cr, "
+           "dms_disable_eviction); "
            "use dms.apply(model, ...) to add DMS to a plain model")
 
 

@@ -50,9 +50,9 @@ def expected_logits(model, layer_idx, captured):
     group = c.num_attention_heads // n_kv
     per_layer = c.dms_alpha_per == "layer"
     if c.dms_separate_alpha:
-        ad = attn.dms_adapter
-        raw = F.linear(rms_norm(captured["residual"], ad.norm.weight, c.rms_norm_eps), ad.proj.weight, ad.proj.bias)
-        raw = raw.transpose(1, 2)  # [B, 1 or H_kv, T]
+        norm, proj = attn.dms_proj_alpha_norm, attn.dms_proj_alpha  # the reference's names
+        raw = F.linear(rms_norm(captured["residual"], norm.weight, c.rms_norm_eps), proj.weight, proj.bias)
+        raw = raw.transpose(1, 2)[:, :1] if per_layer else raw.transpose(1, 2)  # "layer" reads output 0
     else:
         q = project(attn, captured["attn_in"], "q")
         heads = [0] if per_layer else [h * group for h in range(n_kv)]

@@ -15,7 +15,7 @@ from dms.config import DMSConfigError
 from dms.models import DMSCheckpointError
 from dms.models.tiny import tiny_model
 
-ADAPTER = "model.layers.1.self_attn.dms_adapter.proj"
+ADAPTER = "model.layers.1.self_attn.dms_proj_alpha"
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def edit_weights(path, fn):
     ("dms_alpha_scale", 0), ("dms_alpha_scale", -1.0), ("dms_alpha_scale", "big"),
     ("dms_initial_alpha_offset", "5"), ("dms_tau", 0), ("dms_alpha_per", "tensor"),
     ("dms_separate_alpha", "yes"), ("dms_separate_alpha", 1), ("dms_cr", 0.5),
-    ("dms_windw_size", 8), ("dms_disable_eviction", True),
+    ("dms_windw_size", 8), ("dms_disable_eviction", "yes"),
 ])
 def test_bad_dms_config_value_names_the_key(ckpt, key, value):
     if value is None:
@@ -74,12 +74,12 @@ def test_reference_runtime_keys_are_accepted(ckpt):
 
 @pytest.mark.parametrize("damage,error,key", [
     (lambda w: w.pop(f"{ADAPTER}.weight"), "lacks DMS weights", f"{ADAPTER}.weight"),
-    (lambda w: w.pop("model.layers.0.self_attn.dms_adapter.norm.weight"), "lacks DMS weights",
-     "layers.0.self_attn.dms_adapter.norm.weight"),
+    (lambda w: w.pop("model.layers.0.self_attn.dms_proj_alpha_norm.weight"), "lacks DMS weights",
+     "layers.0.self_attn.dms_proj_alpha_norm.weight"),
     (lambda w: w.__setitem__(f"{ADAPTER}.bias", torch.zeros(3)), "wrong shape", f"{ADAPTER}.bias"),
     (lambda w: w.__setitem__(f"{ADAPTER}.weight", torch.zeros(2, 63)), "wrong shape", f"{ADAPTER}.weight"),
-    (lambda w: w.__setitem__("model.layers.0.self_attn.dms_adapter.extra", torch.zeros(2)), "does not use",
-     "dms_adapter.extra"),
+    (lambda w: w.__setitem__("model.layers.0.self_attn.dms_proj_alpha.extra", torch.zeros(2)), "does not use",
+     "dms_proj_alpha.extra"),
     (lambda w: w[f"{ADAPTER}.weight"].__setitem__((0, 5), float("nan")), "NaN or infinite", f"{ADAPTER}.weight"),
     (lambda w: w[f"{ADAPTER}.bias"].fill_(float("inf")), "NaN or infinite", f"{ADAPTER}.bias"),
 ])
@@ -100,7 +100,7 @@ def test_intact_checkpoint_loads_with_its_adapter_weights(ckpt):
     """The control: the undamaged copy loads, with the saved (not re-initialised) weights."""
     edit_weights(ckpt, lambda w: w[f"{ADAPTER}.bias"].fill_(0.25))
     model = dms.from_pretrained(str(ckpt))
-    assert torch.equal(model.model.layers[1].self_attn.dms_adapter.proj.bias, torch.full((2,), 0.25))
+    assert torch.equal(model.model.layers[1].self_attn.dms_proj_alpha.bias, torch.full((2,), 0.25))
 
 
 @pytest.mark.parametrize("model", [None, "Qwen/Qwen3-0.6B", torch.nn.Linear(2, 2)])
