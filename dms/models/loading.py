@@ -40,6 +40,10 @@ def from_pretrained(path_or_id, **hf_kwargs):
         config = AutoConfig.from_pretrained(path_or_id, **hub)
     check_supported(config)
     _check_dms_keys(config)
+    if getattr(config, "auto_map", None) is not None:
+        # A reference checkpoint points at its remote code; the model is a plain transformers
+        # class here, and save_pretrained would write the pointer without the code.
+        del config.auto_map
     base = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if hf_kwargs.get("attn_implementation") not in (None, "eager", "sdpa"):
         raise ValueError("DMS models bring their own attention; attn_implementation must be left unset")

@@ -75,6 +75,8 @@ def test_save_writes_the_reference_names(reference, tmp_path):
     model = _load(path)
     model.save_pretrained(tmp_path)
     assert _names(tmp_path) == _names(path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "auto_map" not in config and config["architectures"] == ["Qwen3ForCausalLM"]  # no remote code
     ids, mask = left_padded([6, 11], seed=2)
     with torch.no_grad():
         torch.testing.assert_close(_load(tmp_path)(input_ids=ids, attention_mask=mask).logits,

@@ -15,9 +15,9 @@ from safetensors.torch import load_file, save_file
 KEYS = dict(dms_window_size=4, dms_paged_attention_block_size=2, dms_alpha_scale=20.0, dms_initial_alpha_offset=0.0)
 
 
-def _earlier_layout(src, dst):
+def _earlier_layout(src, dst, one_output: bool):
     """dst: src's checkpoint under dms's earlier names, which always came with a bias (non-zero
-    here, so that the plugin must read it)."""
+    here, so that the plugin must read it), and had one output per layer for alpha_per "layer"."""
     dst.mkdir()
     (dst / "config.json").write_text((src / "config.json").read_text())
     names = {".dms_proj_alpha_norm.": ".dms_adapter.norm.", ".dms_proj_alpha.": ".dms_adapter.proj."}
@@ -26,9 +26,10 @@ def _earlier_layout(src, dst):
     for name, t in load_file(src / "model.safetensors").items():
         for new, earlier in names.items():
             name = name.replace(new, earlier)
-        old[name] = t
         if name.endswith(".dms_adapter.proj.weight"):
+            t = t[:1] if one_output else t
             old[name[:-len("weight")] + "bias"] = (0.1 * torch.randn(t.shape[0], generator=gen)).to(t.dtype)
+        old[name] = t
     save_file(old, dst / "model.safetensors", metadata={"format": "pt"})
 
 
@@ -39,17 +40,18 @@ def _no_eviction(src, dst):
     (dst / "config.json").write_text(json.dumps({**config, "dms_disable_eviction": True}))
 
 
-@pytest.mark.parametrize("layout", ["reference", "earlier", "disable-eviction"])
+@pytest.mark.parametrize("layout", ["reference", "earlier", "earlier-per-layer", "disable-eviction"])
 def test_reference_layout_served_like_from_pretrained(layout, tmp_path):
     import dms
     from dms.compat import cache_kwargs
     from dms.models.tiny import save_reference_checkpoint
 
     path = tmp_path / "reference"
-    save_reference_checkpoint(path, seed=1, **KEYS)
+    save_reference_checkpoint(path, seed=1, dms_alpha_per="layer" if layout == "earlier-per-layer" else "head",
+                              **KEYS)
     assert "architectures" not in json.loads((path / "config.json").read_text())
-    if layout == "earlier":
-        _earlier_layout(path, tmp_path / layout)
+    if layout.startswith("earlier"):
+        _earlier_layout(path, tmp_path / layout, one_output=layout == "earlier-per-layer")
         path = tmp_path / layout
     elif layout == "disable-eviction":
         _no_eviction(path, tmp_path / layout)
