@@ -20,13 +20,18 @@ of ``page_size`` slots: ``budget // page_size`` pages plus the newest one). Pref
 everything, as in Quest.
 
 The model runs with the vanilla attention math: a DMS model in mode "off" hands attention to
-``PolicyCache.attend`` (the ``dms.cache.AttentionCache`` interface).
+``PolicyCache.attend`` (the ``dms.cache.AttentionCache`` interface). A prefill chunk that needs
+no probability matrix (StreamingLLM, Quest; TOVA, which scores with the newest query's row
+only) attends through ``scaled_dot_product_attention``; H2O sums every query's probabilities,
+so its prefill stays explicit, in blocks of queries that skip the keys causally hidden from
+them. Decode steps (one query over about ``budget`` slots) are explicit too.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
 from dms.baselines.policies import POLICIES, h2o_keep, quest_select, streaming_keep, tova_keep
@@ -75,7 +80,7 @@ class PolicyLayer(DMSLayer):
             out = self.decode_attention(q[:, :, 0], scale)[:, :, None]  # no attention weights needed
             self.read = self.store.seq_lens.long()
         else:
-            out = self._dense_attend(q, qpos, ok, scale)
+            out = self._dense_attend(q, qpos, ok, scale, int(old_len.max()) if T > 1 else None)
         self._evict()
         return out
 
@@ -89,38 +94,33 @@ class PolicyLayer(DMSLayer):
         self.positions[rows[ok], slots[ok]] = qpos[ok]
         self.scores[rows[ok], slots[ok]] = 0.0
 
-    def _dense_attend(self, q, qpos, ok, scale):
-        """Eager attention over the live slots (a Quest decode step: over its selected pages),
-        keeping the probabilities H2O and TOVA score with."""
+    def _dense_attend(self, q, qpos, ok, scale, before):
+        """Attention over the live slots (a Quest decode step: over its selected pages), keeping
+        the probabilities H2O and TOVA score with. ``before``: most slots a row held before
+        this forward (None for a decode step)."""
         S, G, T, D = q.shape
         keys, values, live = self.store.dense()
         if self.policy == "quest" and T == 1:
             live = quest_select(q[:, :, 0], keys, live, self.page_size, self.budget)
         self.read = live.sum(1)
-        L = keys.shape[1]
-        pos = self.positions[:, :L]
-        out = torch.zeros(S, G, T, D, dtype=q.dtype, device=q.device)
-        received = torch.zeros(S, L, dtype=torch.float32, device=q.device)
-        last = torch.where(ok, torch.arange(T, device=q.device)[None, :], -1).argmax(1)  # newest valid query
-        current = torch.zeros(S, L, dtype=torch.float32, device=q.device)
-        step = max(1, _SCORE_BUDGET // max(1, S * G * L))
-        for a in range(0, T, step):
-            b = min(a + step, T)
-            allowed = live[:, None, :] & (pos[:, None, :] <= qpos[:, a:b, None])  # [S, t, L]
-            s = torch.einsum("sgtd,sld->sgtl", q[:, :, a:b].float(), keys.float()) * scale
-            s = s.masked_fill(~allowed[:, None], float("-inf"))
-            p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # pad queries see nothing: zero rows
-            out[:, :, a:b] = torch.einsum("sgtl,sld->sgtd", p, values.float()).to(q.dtype)
-            received += p.sum(dim=(1, 2))
-            hit = (last >= a) & (last < b)
-            cur = p.mean(1)[torch.arange(S, device=q.device), (last - a).clamp(0, b - a - 1)]
-            current = torch.where(hit[:, None], cur, current)
+        pos = self.positions[:, :keys.shape[1]]
         had = ok.any(1)[:, None]
+        if T > 1 and self.policy != "h2o":
+            # A prefill that needs no probability matrix: fused attention (TOVA reads one row of it).
+            out = _fused(q, keys, values, live, pos, qpos, ok, scale, before)
+            if self.policy == "tova":
+                self._set_tova(_newest_query_probs(q, keys, live, pos, qpos, ok, scale), had)
+            return out
+        out, received, current = _explicit(q, keys, values, live, pos, qpos, ok, scale, self.policy, before)
         if self.policy == "h2o":
-            self.scores[:, :L] += received
+            self.scores[:, :keys.shape[1]] += received
         elif self.policy == "tova":
-            self.scores[:, :L] = torch.where(had, current, self.scores[:, :L])
+            self._set_tova(current, had)
         return out
+
+    def _set_tova(self, current: torch.Tensor, had: torch.Tensor) -> None:
+        L = current.shape[1]
+        self.scores[:, :L] = torch.where(had, current, self.scores[:, :L])
 
     # -- eviction --------------------------------------------------------------------------------
     def _keep(self, live: torch.Tensor) -> torch.Tensor:
@@ -152,6 +152,67 @@ class PolicyLayer(DMSLayer):
         self.positions[rows, dst] = self.positions[rows, src]
         self.scores[rows, dst] = self.scores[rows, src]
         self.store.truncate(n)
+
+
+def _fused(q, keys, values, live, pos, qpos, ok, scale, before):
+    """Prefill output by scaled_dot_product_attention: with no pad and an empty cache before,
+    slot j holds the chunk's token j and the mask is plain causal."""
+    S, G, T, D = q.shape
+    k, v = (x.float()[:, None].expand(S, G, -1, D) for x in (keys, values))
+    if before == 0 and keys.shape[1] == T and bool(ok.all()):
+        out = F.scaled_dot_product_attention(q.float(), k, v, is_causal=True, scale=scale)
+    else:
+        allowed = live[:, None, :] & (pos[:, None, :] <= qpos[:, :, None])  # [S, T, L]
+        out = F.scaled_dot_product_attention(q.float(), k, v, attn_mask=allowed[:, None], scale=scale)
+    return out.masked_fill(~ok[:, None, :, None], 0.0).to(q.dtype)  # pad queries: zeros
+
+
+def _newest_query_probs(q, keys, live, pos, qpos, ok, scale):
+    """TOVA's score: attention of each row's newest valid query, mean over the group [S, L]
+    (zeros for a row without one)."""
+    S = q.shape[0]
+    rows = torch.arange(S, device=q.device)
+    last = torch.where(ok, torch.arange(q.shape[2], device=q.device)[None, :], -1).argmax(1)
+    s = torch.einsum("sgd,sld->sgl", q[rows, :, last].float(), keys.float()) * scale
+    allowed = live & (pos <= qpos[rows, last][:, None])
+    p = torch.softmax(s.masked_fill(~allowed[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    return p.mean(1)
+
+
+def _explicit(q, keys, values, live, pos, qpos, ok, scale, policy, before):
+    """Attention with the probability matrix, a block of queries at a time: out [S, G, T, D],
+    H2O's received attention [S, L] (summed over the group and the queries; None for the other
+    policies) and TOVA's newest-query attention [S, L] (group mean; None for the others).
+    ``before``: most slots a row held before this forward (None: no key is skipped)."""
+    S, G, T, D = q.shape
+    L = keys.shape[1]
+    out = torch.empty(S, G, T, D, dtype=q.dtype, device=q.device)
+    received = torch.zeros(S, L, dtype=torch.float32, device=q.device) if policy == "h2o" else None
+    current = torch.zeros(S, L, dtype=torch.float32, device=q.device) if policy == "tova" else None
+    last = torch.where(ok, torch.arange(T, device=q.device)[None, :], -1).argmax(1)  # newest valid query
+    pads = not bool(ok.all())
+    kt, values = keys.float().transpose(1, 2), values.float()
+    step = max(1, _SCORE_BUDGET // max(1, S * G * L))
+    for a in range(0, T, step):
+        b = min(a + step, T)
+        t = b - a
+        # The chunk's tokens fill the slots after the old ones in chunk order, so queries before
+        # b see no slot at or past before + b: the block skips those keys (half a causal prefill).
+        n = L if before is None else min(L, before + b)
+        allowed = live[:, None, :n] & (pos[:, None, :n] <= qpos[:, a:b, None])  # [S, t, n]
+        s = torch.bmm(q[:, :, a:b].float().reshape(S, G * t, D), kt[:, :, :n]).mul_(scale).view(S, G, t, n)
+        s.masked_fill_(~allowed[:, None], float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        if pads:
+            p = p.nan_to_num_(0.0)  # pad queries see nothing: zero rows
+        out[:, :, a:b] = torch.bmm(p.view(S, G * t, n), values[:, :n]).view(S, G, t, D).to(q.dtype)
+        if received is not None:
+            received[:, :n] += p.sum(dim=(1, 2))
+        if current is not None:
+            hit = (last >= a) & (last < b)
+            cur = p[torch.arange(S, device=q.device), :, (last - a).clamp(0, t - 1)].mean(1)
+            current[:, :n] = torch.where(hit[:, None], cur, current[:, :n])
+    return out, received, current
 
 
 class PolicyCache(AttentionCache):

@@ -215,3 +215,57 @@ def test_quest_in_generate():
     assert all(layer.store.seq_lens.tolist() == [45] * 4 for layer in small.layers)
     assert small.stats()["compression_ratio"] == 1.0
     assert small.read_ratio() == pytest.approx(45 / 9)  # 2 pages of 4 + the newest page's 1 slot
+
+
+def _eager_reference(self, q, qpos, ok, scale, before=None):
+    """PolicyLayer's attention as first written: every forward eager over all live slots, the
+    whole probability matrix at once."""
+    S, G, T, D = q.shape
+    keys, values, live = self.store.dense()
+    if self.policy == "quest" and T == 1:
+        live = quest_select(q[:, :, 0], keys, live, self.page_size, self.budget)
+    self.read = live.sum(1)
+    L = keys.shape[1]
+    allowed = live[:, None, :] & (self.positions[:, None, :L] <= qpos[:, :, None])
+    s = torch.einsum("sgtd,sld->sgtl", q, keys) * scale
+    p = s.masked_fill(~allowed[:, None], float("-inf")).softmax(-1).nan_to_num(0.0)
+    if self.policy == "h2o":
+        self.scores[:, :L] += p.sum((1, 2))
+    elif self.policy == "tova":
+        last = torch.where(ok, torch.arange(T)[None, :], -1).argmax(1)
+        self.scores[:, :L] = torch.where(ok.any(1)[:, None], p[torch.arange(S), :, last].mean(1), self.scores[:, :L])
+    return torch.einsum("sgtl,sld->sgtd", p, values)
+
+
+@pytest.mark.parametrize("chunk,padded", [(None, False), (None, True), (7, True)])
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "quest"])
+def test_fast_prefill_equals_the_eager_attention(policy, chunk, padded, monkeypatch):
+    """The prefill's fused attention (SDPA, plain causal without pads; H2O: blocks that skip
+    the causally hidden keys) gives the logits, kept tokens and scores of plain eager
+    attention, also with left padding and with the prompt fed in chunks on top of what the
+    cache kept."""
+    model = _off_model(seed=2)
+    ids = torch.randint(3, 128, (3, 30), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0  # the first chunk of 7 is all pads on this row
+        mask[2, :3] = 0
+
+    def run():
+        cache = PolicyCache(model, policy, 10, page_size=4)
+        out = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=6, do_sample=False,
+                             pad_token_id=0, prefill_chunk_size=chunk, output_logits=True,
+                             return_dict_in_generate=True)
+        return out, cache
+
+    monkeypatch.setattr("dms.baselines.cache._SCORE_BUDGET", 1024)  # H2O's prefill in blocks of a few queries
+    fast, fast_cache = run()
+    monkeypatch.setattr(PolicyLayer, "_dense_attend", _eager_reference)
+    ref, ref_cache = run()
+    assert torch.equal(fast.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
+    for a, b in zip(fast_cache.layers, ref_cache.layers):
+        n = int(a.store.seq_lens.max())
+        assert torch.equal(a.store.seq_lens, b.store.seq_lens)
+        assert torch.equal(a.positions[:, :n], b.positions[:, :n])
+        torch.testing.assert_close(a.scores[:, :n], b.scores[:, :n], rtol=1e-5, atol=1e-6)
