@@ -77,21 +77,24 @@ class Shape:
     def params(self, adapter: bool) -> int:
         return self.layers * self.layer_params(adapter) + self.root_params()
 
-    def saved_per_token(self, adapter: bool) -> float:
-        """Elements autograd keeps per token for one DMS decoder layer in train mode (counted)."""
-        H = self.hidden
-        per = 5.1 * H + 4.0 * self.inter + 2.0 * self.q + 2.3 * self.kv
-        if self.qk_norm:
-            per += 2.0 * self.q + 2.0 * self.kv
-        return per + (2.0 * H if adapter else 0.0)
+    def saved_per_token(self, adapter: bool, frozen: bool) -> float:
+        """Elements autograd keeps per token for one DMS decoder layer in train mode, each
+        storage once (counted). ``frozen``: adapter-only, whose frozen linear layers keep no
+        input for a weight gradient."""
+        H, q, kv = self.hidden, self.q, self.kv
+        if frozen:
+            per = 4.5 * H + 3.4 * self.inter + 1.25 * q + 2.4 * kv + (1.0 * (q + kv) if self.qk_norm else 0.0)
+        else:
+            per = 7.5 * H + 4.4 * self.inter + 2.25 * q + 2.4 * kv + (2.0 * (q + kv) if self.qk_norm else 0.0)
+        return per + (H if frozen else 2.0 * H) * adapter - 380.0
 
 
-def plan(config, cfg, world: int = 1, device: str = "cpu", dense_teacher: bool | None = None) -> dict[str, float]:
+def plan(config, cfg, world: int = 1, device: str = "cpu", eager_teacher: bool = False) -> dict[str, float]:
     """Bytes per process, by term, for a retrofit with options ``cfg`` (a TrainConfig) on
     ``world`` processes; ``device`` "cuda" plans FSDP's bfloat16 compute and FlexAttention.
-    ``dense_teacher``: does the teacher's attention build [B, H, T, T] scores? Adapter-only: yes
-    (DMS "off" mode is eager attention); full fine-tune: the loaded model's own attention, fused
-    (transformers' default sdpa) unless it is eager (the tiny test models)."""
+    ``eager_teacher``: a full fine-tune's teacher (the loaded transformers model) uses eager
+    attention, [B, H, T, T] scores (the tiny test models); by default it is fused (sdpa), like
+    the adapter-only teacher (DMS mode "off", dms.attention.training.causal_attention)."""
     s = Shape.from_config(config)
     sharding = planned_sharding(cfg.sharding, world)
     shards = world if sharding == "fsdp" else 1
@@ -106,7 +109,16 @@ def plan(config, cfg, world: int = 1, device: str = "cpu", dense_teacher: bool |
     else:  # the adapters, or every q_proj whole (its other rows' gradients are masked)
         trainable = s.layers * ((s.hidden + s.hidden * s.kv_heads + s.kv_heads) if adapter
                                 else s.hidden * s.q + (s.q if s.qkv_bias else 0))
-    out = {"weights": student * pb / shards, "grads": trainable * pb / shards * (2 if sharding == "ddp" else 1),
+    # Gradients are set to None before each step, so with one micro-batch per step a layer's
+    # gradients are born in backward as its activations die: at the peak (backward's start) only
+    # the output head's exists (under FSDP it is unsharded, counted in "gathered"). From the
+    # second micro-batch on, every gradient coexists with the activations.
+    head = s.vocab * s.hidden if full else 0
+    if cfg.grad_accum_for(world) > 1:
+        grads = trainable * pb / shards * (2 if sharding == "ddp" else 1)
+    else:
+        grads = 0.0 if sharding == "fsdp" else head * pb * (2 if sharding == "ddp" else 1)
+    out = {"weights": student * pb / shards, "grads": grads,
            "optimizer": 2 * trainable * pb / shards, "teacher": base * pb / shards if full else 0.0}
     gathered = 0.0
     if sharding == "fsdp":  # one process too: FSDP all-gathers into separate full buffers
@@ -116,28 +128,42 @@ def plan(config, cfg, world: int = 1, device: str = "cpu", dense_teacher: bool |
         gathered += s.vocab * s.hidden * ab if full else 0  # the teacher's head
     out["gathered"] = gathered
     tokens = cfg.batch_size * cfg.seq_len
-    per_layer = s.saved_per_token(adapter) * tokens * ab
+    per_layer = s.saved_per_token(adapter, not full) * tokens * ab
     if cfg.activation_checkpointing:
         layers = s.layers * tokens * s.hidden * ab + per_layer
     else:
         layers = s.layers * per_layer
-    head = 3 * tokens * s.hidden * ab + 4 * min(cfg.kl_chunk_tokens, tokens) * s.vocab * 4
+    # The final hidden states (student, teacher, gradient) stay; the KL's chunk of logits and a
+    # layer's attention are transients of different moments: the larger one counts.
+    kl = 4 * min(cfg.kl_chunk_tokens, tokens) * s.vocab * 4
     if device == "cuda":
         # FlexAttention is fused; its block mask holds int32 indices per (128-token block)^2.
         attention = 2 * 4 * cfg.batch_size * (-(-cfg.seq_len // 128)) ** 2
-    else:
+    else:  # a chunk's backward: its recomputed probabilities, their gradient, the scores' gradient
         rows = cfg.batch_size * s.q_heads * cfg.seq_len * cfg.seq_len
-        attention = 4 * 4 * min(CPU_ATTENTION_CHUNK, rows)
-    student = layers + head + attention
-    # The teacher runs first, without autograd: its attention's transient scores, or nothing.
-    dense = (not full) if dense_teacher is None else dense_teacher
-    scores = cfg.batch_size * s.q_heads * cfg.seq_len ** 2
-    teacher_attention = (max(2 * scores * ab, scores * (ab + 4)) + cfg.batch_size * cfg.seq_len ** 2 * ab
-                         if dense else 0.0)
-    teacher_phase = teacher_attention + 2 * tokens * s.hidden * ab
-    out["activations"] = max(student, teacher_phase)
+        attention = 3 * 4 * min(CPU_ATTENTION_CHUNK, rows)
+    student = layers + 3 * tokens * s.hidden * ab + max(kl, attention)
+    out["activations"] = max(student, teacher_phase(s, cfg, ab, full and eager_teacher))
     out["total"] = sum(out.values())
     return out
+
+
+def teacher_phase(s: Shape, cfg, ab: int, eager: bool = False) -> float:
+    """Bytes of the teacher's forward, which runs first, without autograd, one layer at a time:
+    the larger half of a layer (attention: its input, normed input, q, k, v, RoPE copies of q
+    and k, output; MLP: input, normed input, gate, up, their product), its attention's working
+    set, and the final hidden states, kept for the KL. ``eager``: [B, H, T, T] scores."""
+    tokens = cfg.batch_size * cfg.seq_len
+    layer = max(3 * s.hidden + 3 * s.q + 3 * s.kv, 2 * s.hidden + 3 * s.inter) * tokens * ab
+    masks = cfg.batch_size * cfg.seq_len ** 2
+    if eager:  # scores (2 copies, or 1 + a float32 softmax) and the mask
+        scores = s.q_heads * masks
+        attention = max(2 * scores * ab, scores * (ab + 4)) + masks * ab
+    elif not cfg.pack:  # left padding: causal_attention's query chunks carry a bool and a float mask
+        attention = 5 * min(CPU_ATTENTION_CHUNK, masks)
+    else:  # fused causal attention: no scores
+        attention = 0
+    return layer + attention + tokens * s.hidden * ab
 
 
 def planned_sharding(sharding: str, world: int) -> str:
@@ -191,28 +217,51 @@ def _reset_peak() -> None:
 
 
 def measure(arch: str, sizes: dict, options: dict, data: str) -> dict:
-    """One process (no sharding): peak RSS (VmHWM, reset first) above the RSS before the model
-    was built, next to the plan."""
+    """Peak RSS (VmHWM, reset first) above the RSS before the model was built, next to the plan.
+    Under torchrun the run is sharded with FSDP over a gloo group; the runtime's code (torch,
+    transformers, the FSDP and DTensor modules) and the group exist before the reset, as the
+    plan leaves them out. Returns the largest peak over the processes."""
     import torch
+    import torch.distributed as dist
 
     from dms.models.tiny import tiny_model
     from dms.train import TrainConfig, retrofit
 
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world:
+        import torch.distributed.checkpoint  # noqa: F401
+        import torch.distributed.fsdp  # noqa: F401
+        import torch.distributed.tensor  # noqa: F401
+
+        dist.init_process_group("gloo")
     torch.manual_seed(0)
-    cfg = TrainConfig(data=[data], progress=False, sharding="none", **options)
+    cfg = TrainConfig(data=[data], progress=False, sharding="fsdp" if world else "none", **options)
     _reset_peak()
     before = _status_bytes("VmRSS")
     model = tiny_model(arch, **sizes)
-    predicted = plan(model.config, cfg, 1, "cpu", dense_teacher=True)  # tiny models use eager attention
+    predicted = plan(model.config, cfg, max(world, 1), "cpu", eager_teacher=True)  # tiny models: eager
     retrofit(model, cfg)
     peak = _status_bytes("VmHWM") - before
+    if world:
+        peaks = [None] * world
+        dist.all_gather_object(peaks, peak)
+        peak = max(peaks)
+        dist.destroy_process_group()
     return {"predicted": predicted["total"], "measured": peak, "terms": predicted}
+
+
+# glibc keeps freed blocks in its heaps (one per thread that allocates: gloo's too) and the RSS
+# stays at the high-water mark of that reuse; with a fixed mmap threshold every block from
+# 64 KiB up is mapped on its own and handed back when freed, so the RSS follows live memory.
+LIVE_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 _SMALL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, vocab_size=4096, num_attention_heads=8,
               num_key_value_heads=4, head_dim=32)
 _WIDE = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, vocab_size=4096, num_attention_heads=8,
              num_key_value_heads=2, head_dim=64)
+# Two steps: from the second on, AdamW's moments exist (a one-step run peaks before they do).
+COMMON = dict(steps=2, window=16, target_cr=4.0, batch_size=1, lr=1e-4)
 CASES = [  # (name, tiny_model sizes, TrainConfig options): each a minute or less on one core
     ("qwen3 h256 L4, adapter-only neuron, T=2048", _SMALL, dict(seq_len=2048)),
     ("qwen3 h256 L4, adapter-only neuron, T=4096", _SMALL, dict(seq_len=4096)),
@@ -222,37 +271,62 @@ CASES = [  # (name, tiny_model sizes, TrainConfig options): each a minute or les
 ]
 
 
-def _main(argv: list[str]) -> int:
-    """python -m dms.train.memory [CASE_INDEX]: without an index, runs every case in its own
-    process and prints the table of docs/memory.md."""
+def run_case(i: int, data: str, out: str, nproc: int, env: dict) -> dict:
+    """``measure`` of CASES[i] in a new process (``nproc`` 0) or under torchrun with FSDP, with
+    ``env`` added to the environment (e.g. LIVE_ALLOCATOR)."""
     import subprocess
-    import tempfile
 
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)] if nproc else []
+    cmd = [sys.executable, *launch, "-m", "dms.train.memory", "--case", str(i), data, out]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1", **env))
+    if res.returncode:
+        raise RuntimeError(f"case {CASES[i][0]!r} failed: {res.stderr.strip().splitlines()[-1]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def write_data(path: str) -> None:
+    """4 random documents of 16,383 tokens (+ EOS): 65,536 tokens, whole blocks at every seq_len
+    of CASES."""
     import torch
 
-    if argv:
-        name, sizes, options = CASES[int(argv[0])]
-        data = argv[1]
-        common = dict(output_dir=argv[2], steps=1, window=16, target_cr=4.0, batch_size=1, lr=1e-4)
-        r = measure(name.split()[0], sizes, {**common, **options}, data)
-        print(json.dumps(r))
+    g = torch.Generator().manual_seed(0)
+    with open(path, "w") as f:
+        for _ in range(4):
+            f.write(json.dumps({"input_ids": torch.randint(3, 4000, (16383,), generator=g).tolist()}) + "\n")
+
+
+def _main(argv: list[str]) -> int:
+    """python -m dms.train.memory [--nproc N] [CASE ...]: runs the cases (all by default) each in
+    its own process, or in N torchrun processes with FSDP, once with the allocator handing freed
+    memory back (live) and once with glibc's defaults; prints the table of docs/memory.md."""
+    import argparse
+    import tempfile
+
+    ap = argparse.ArgumentParser(prog="python -m dms.train.memory")
+    ap.add_argument("--nproc", type=int, default=0, help="FSDP over N torchrun processes (default: one, unsharded)")
+    ap.add_argument("--case", type=int, help=argparse.SUPPRESS)  # one measurement, in this process
+    ap.add_argument("rest", nargs="*", help="case indices")
+    args = ap.parse_args(argv)
+    if args.case is not None:
+        data, out = args.rest
+        name, sizes, options = CASES[args.case]
+        r = measure(name.split()[0], sizes, {**COMMON, "output_dir": out, **options}, data)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(json.dumps(r))
         return 0
+    cases = [int(c) for c in args.rest] or range(len(CASES))
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.jsonl")
-        g = torch.Generator().manual_seed(0)
-        with open(data, "w") as f:
-            for _ in range(4):  # + EOS: 65,536 tokens, whole blocks at every seq_len of CASES
-                f.write(json.dumps({"input_ids": torch.randint(3, 4000, (16383,), generator=g).tolist()}) + "\n")
-        print("| case | predicted (MiB) | measured peak RSS increase (MiB) | error |")
-        print("| --- | ---: | ---: | ---: |")
-        for i, (name, _, _) in enumerate(CASES):
-            res = subprocess.run([sys.executable, "-m", "dms.train.memory", str(i), data, os.path.join(tmp, str(i))],
-                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-            if res.returncode:
-                raise RuntimeError(f"case {name!r} failed: {res.stderr.strip().splitlines()[-1]}")
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            err = r["predicted"] / r["measured"] - 1
-            print(f"| {name} | {r['predicted'] / 2**20:.0f} | {r['measured'] / 2**20:.0f} | {err:+.0%} |", flush=True)
+        write_data(data)
+        print(f"| case ({f'{args.nproc} processes, FSDP' if args.nproc else 'one process'}) | predicted (MiB) "
+              "| live peak (MiB) | error | peak RSS, glibc defaults (MiB) | error |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for i in cases:
+            live = run_case(i, data, os.path.join(tmp, f"{i}-live"), args.nproc, LIVE_ALLOCATOR)
+            rss = run_case(i, data, os.path.join(tmp, f"{i}-rss"), args.nproc, {})
+            p = live["predicted"]
+            print(f"| {CASES[i][0]} | {p / 2**20:.0f} | {live['measured'] / 2**20:.0f} | {p / live['measured'] - 1:+.0%} "
+                  f"| {rss['measured'] / 2**20:.0f} | {p / rss['measured'] - 1:+.0%} |", flush=True)
     return 0
 
 
