@@ -3,18 +3,23 @@
 
 Terms, per process, for world size W (S = W under FSDP, else 1):
   weights     student parameters / S, in the loaded dtype
-  grads       trainable parameters / S (DDP keeps a second copy in its buckets)
+  grads       the gradients alive at the peak: every trainable one / S (DDP: a second copy in its
+              buckets) from the second micro-batch of a step on; with one micro-batch per step
+              only the output head's (they are set to None between steps, and a layer's are born
+              in backward as its activations die)
   optimizer   AdamW's two moments of the trainable parameters / S (same dtype as the parameters)
   teacher     full fine-tune only: the frozen copy / S (adapter-only: the student's own weights)
   gathered    FSDP only: full weights of the root (embeddings, head) and of two layers (the one
               running and the one prefetched), their gradients before the reduce-scatter, and the
               teacher's head gathered for the KL
-  activations what autograd keeps for backward, per micro-batch of batch_size x seq_len tokens,
-              plus the working sets of the attention and of the KL
-The activation count per token and layer comes from counting the tensors autograd saves in one
-decoder layer (``saved_per_token``, counted with torch.autograd.graph.saved_tensors_hooks on tiny
-Llama and Qwen3 layers, 2026-12-01; see docs/memory.md); with activation checkpointing a layer
-keeps only its input, and one layer at a time is recomputed.
+  activations the larger of the student phase (what autograd keeps for backward, per micro-batch
+              of batch_size x seq_len tokens, plus the larger of the attention's and the KL's
+              working sets) and the teacher phase (one layer's forward without autograd)
+The activation count per token and layer comes from counting, once per storage, the tensors
+autograd saves in one decoder layer (``saved_per_token``, counted with
+torch.autograd.graph.saved_tensors_hooks on tiny Llama and Qwen3 models, 2026-12-01; see
+docs/memory.md); with activation checkpointing a layer keeps only its input, and one layer at a
+time is recomputed. Not modelled: the runtime's code and buffers, and the allocator's slack.
 """
 from __future__ import annotations
 
@@ -129,6 +134,10 @@ def plan(config, cfg, world: int = 1, device: str = "cpu", eager_teacher: bool =
     out["gathered"] = gathered
     tokens = cfg.batch_size * cfg.seq_len
     per_layer = s.saved_per_token(adapter, not full) * tokens * ab
+    rows = cfg.batch_size * s.q_heads * cfg.seq_len * cfg.seq_len
+    if device != "cuda" and rows <= CPU_ATTENTION_CHUNK:
+        # One chunk is not recomputed in backward: the layer keeps its probabilities and bias.
+        per_layer += (rows + cfg.batch_size * s.kv_heads * cfg.seq_len ** 2) * 4
     if cfg.activation_checkpointing:
         layers = s.layers * tokens * s.hidden * ab + per_layer
     else:
@@ -140,7 +149,6 @@ def plan(config, cfg, world: int = 1, device: str = "cpu", eager_teacher: bool =
         # FlexAttention is fused; its block mask holds int32 indices per (128-token block)^2.
         attention = 2 * 4 * cfg.batch_size * (-(-cfg.seq_len // 128)) ** 2
     else:  # a chunk's backward: its recomputed probabilities, their gradient, the scores' gradient
-        rows = cfg.batch_size * s.q_heads * cfg.seq_len * cfg.seq_len
         attention = 3 * 4 * min(CPU_ATTENTION_CHUNK, rows)
     student = layers + 3 * tokens * s.hidden * ab + max(kl, attention)
     out["activations"] = max(student, teacher_phase(s, cfg, ab, full and eager_teacher))
