@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dms.attention.decisions import adapter_logits, neuron_heads, neuron_logits, zero_neuron
+from dms.attention.decisions import ADAPTER_NORM, ADAPTER_PROJ, adapter_logits, neuron_heads, zero_neuron
 from dms.cache import DMSCache, _describe
 from dms.compat import cache_kwargs
 from dms.models.patch import _decoder_layers, runtime
@@ -44,12 +44,21 @@ from dms.models.patch import _decoder_layers, runtime
 _FUSE_BYTES = 256 * 2**20
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _normalize(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """RMS-normalise the last dimension without a weight: x * rsqrt(mean(x^2) + eps), statistics
+    in fp32 (``eps`` a 0-dim fp32 tensor), result in x's dtype. Four kernels: F.rms_norm runs
+    about fifteen for a mean (sum, divide, dtype copies), which at decode sizes cost more than
+    the arithmetic."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    norm = torch.linalg.vector_norm(xf, dim=-1, keepdim=True)
+    out = xf * torch.addcmul(eps, norm, norm, value=1 / x.shape[-1]).rsqrt_()
+    return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """The Llama/Qwen RMSNorm over the last dimension: statistics in fp32, weight applied in
     the input dtype. ``weight`` [..., D] may hold one row per head."""
-    if x.dtype == torch.float32 and weight.dim() == 1:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return weight * _normalize(x, eps)
 
 
 def _cat_bias(linears) -> torch.Tensor | None:
@@ -58,18 +67,24 @@ def _cat_bias(linears) -> torch.Tensor | None:
     return torch.cat([m.bias if m.bias is not None else m.weight.new_zeros(m.weight.shape[0]) for m in linears])
 
 
+def _residual_linear(h: torch.Tensor, x: torch.Tensor, weight_t: torch.Tensor, bias) -> torch.Tensor:
+    """h + x @ weight_t (+ bias) in one addmm."""
+    return torch.addmm(h if bias is None else h + bias, x, weight_t)
+
+
 @dataclass
 class _Layer:
     attn: torch.nn.Module
     mlp: torch.nn.Module
-    ln1: torch.Tensor
-    ln2: torch.Tensor
-    qkv: tuple  # fused (weight, bias), or None: project with the modules
+    ln1: torch.Tensor | None  # None: folded into qkv (and the logit rows)
+    ln2: torch.Tensor | None  # None: folded into gate_up
+    qkv: tuple | None  # fused (weight, bias) with the logit rows last, or None: project with the modules
+    split: tuple  # (q and k, v, eviction logits) widths of the fused projection's output (0 logits: apart)
     gate_up: tuple | None
     qk_norm: torch.Tensor | None  # [Hq + Hkv, D]: q_norm's weight per q head, then k_norm's
-    o_proj: tuple  # (weight, bias)
-    down: tuple  # (weight, bias)
-    adapter: torch.nn.Module | None  # the attention module that holds the adapter, or None
+    o_proj: tuple  # (weight transposed, bias)
+    down: tuple  # (weight transposed, bias)
+    adapter: torch.nn.Module | None  # the attention module whose adapter runs apart, or None
 
 
 class FastDecoder:
@@ -86,6 +101,7 @@ class FastDecoder:
         self.model, self.runtime = model, rt
         self.Hq, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, attn0.head_dim
         self.scaling, self.eps = attn0.scaling, cfg.rms_norm_eps
+        self.eps_t = torch.tensor(self.eps, dtype=torch.float32, device=attn0.q_proj.weight.device)
         self.adapter = bool(dcfg.dms_separate_alpha)
         self.alpha = (dcfg.dms_alpha_per, dcfg.dms_alpha_scale, dcfg.dms_initial_alpha_offset)
         self.evict = not dcfg.dms_disable_eviction
@@ -94,33 +110,76 @@ class FastDecoder:
                               (l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj, l.mlp.gate_proj,
                                l.mlp.up_proj)) for l in layers)
         fuse = fused_bytes <= _FUSE_BYTES if fuse is None else fuse
-        # The borrowed neuron: zero_neuron's mask over [Hq + Hkv, D] (ones on the k heads), to
-        # re-zero the neuron after RoPE as the model layer does.
-        self.keep = None
-        if not self.adapter:
-            ones = torch.ones(1, self.Hq + self.Hkv, 1, self.D, dtype=attn0.q_proj.weight.dtype,
-                              device=attn0.q_proj.weight.device)
-            self.keep = zero_neuron(ones, neuron_heads(self.Hq, self.Hkv, dcfg.dms_alpha_per))[0, :, 0]
+        w0 = attn0.q_proj.weight
+        self.neuron = neuron_heads(self.Hq, self.Hkv, dcfg.dms_alpha_per)
+        # RoPE as qk * cos + roll(qk, D/2) * sin with rotate_half's sign folded into sin. The
+        # borrowed neuron is zeroed before and after RoPE (as the model layer does): with the
+        # 0/1 mask K over [Hq + Hkv, D] that is qk * (K cos) + roll(qk) * (K roll(K) sin), so
+        # the masks go into cos and sin once per step instead of into qk per layer.
         half = self.D // 2
-        self.sign = torch.cat([-torch.ones(half), torch.ones(self.D - half)]).to(attn0.q_proj.weight)
+        sign = torch.cat([-torch.ones(half), torch.ones(self.D - half)]).to(w0)
+        self.keep, self.rot = None, sign
+        if not self.adapter:
+            ones = torch.ones(1, self.Hq + self.Hkv, 1, self.D, dtype=w0.dtype, device=w0.device)
+            self.keep = zero_neuron(ones, self.neuron)[0, :, 0]
+            self.rot = self.keep * self.keep.roll(half, -1) * sign
         self.layers = []
         with torch.no_grad():
             for l in layers:
-                a, m = l.self_attn, l.mlp
-                qk_norm = None
-                if hasattr(a, "q_norm"):
-                    qk_norm = torch.cat([a.q_norm.weight.expand(self.Hq, -1), a.k_norm.weight.expand(self.Hkv, -1)])
-                qkv = gate_up = None
-                if fuse:
-                    qkv = (torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-                           _cat_bias([a.q_proj, a.k_proj, a.v_proj]))
-                    gate_up = (torch.cat([m.gate_proj.weight, m.up_proj.weight]), _cat_bias([m.gate_proj, m.up_proj]))
-                self.layers.append(_Layer(a, m, l.input_layernorm.weight, l.post_attention_layernorm.weight, qkv,
-                                          gate_up, qk_norm, (a.o_proj.weight, a.o_proj.bias),
-                                          (m.down_proj.weight, m.down_proj.bias),
-                                          a if self.adapter else None))
+                self.layers.append(self._layer(l, fuse))
         self.fused = fuse
         self._source = _weights_version(model)
+        lm = model.lm_head
+        self.lm_head = (lm.weight, lm.bias) if type(lm) is torch.nn.Linear else None
+
+    def _logit_rows(self, attn, ln1: torch.Tensor):
+        """The eviction logits as rows of the fused projection of the normalised residual,
+        (weight [n, hidden], bias [n]) in fp32 with alpha's scale and offset applied, or None
+        when they cannot be folded (q_norm before the neuron; an adapter norm of another eps)."""
+        per, scale, offset = self.alpha
+        if self.adapter:
+            norm, proj = getattr(attn, ADAPTER_NORM), getattr(attn, ADAPTER_PROJ)
+            if norm.eps != self.eps:
+                return None
+            w, b = proj.weight.float() * norm.weight.float(), proj.bias
+            if per == "layer":  # one logit for every KV head
+                w, b = w[:1], None if b is None else b[:1]
+        else:
+            if hasattr(attn, "q_norm"):
+                return None
+            rows = [h * self.D + self.D - 1 for h in self.neuron]
+            w, b = attn.q_proj.weight[rows].float() * ln1, None if attn.q_proj.bias is None else attn.q_proj.bias[rows]
+        b = w.new_zeros(w.shape[0]) if b is None else b.float()
+        return w * scale, b * scale - offset
+
+    def _layer(self, l, fuse: bool) -> _Layer:
+        a, m = l.self_attn, l.mlp
+        qk_norm = None
+        if hasattr(a, "q_norm"):
+            qk_norm = torch.cat([a.q_norm.weight.expand(self.Hq, -1), a.k_norm.weight.expand(self.Hkv, -1)])
+        o_proj, down = (a.o_proj.weight.t(), a.o_proj.bias), (m.down_proj.weight.t(), m.down_proj.bias)
+        adapter = a if self.adapter else None
+        if not fuse:
+            return _Layer(a, m, l.input_layernorm.weight, l.post_attention_layernorm.weight, None, (), None, qk_norm,
+                          o_proj, down, adapter)
+        # Fused copies with the input norms' weights folded in (products in fp32, rounded once).
+        dtype = a.q_proj.weight.dtype
+        ln1, ln2 = l.input_layernorm.weight.float(), l.post_attention_layernorm.weight.float()
+        projs = [a.q_proj, a.k_proj, a.v_proj]
+        w = torch.cat([p.weight.float() for p in projs]) * ln1
+        b = _cat_bias(projs)
+        b = None if b is None else b.float()
+        rows = self._logit_rows(a, ln1)
+        n = 0
+        if rows is not None:
+            n, adapter = rows[0].shape[0], None
+            w = torch.cat([w, rows[0]])
+            b = torch.cat([w.new_zeros(w.shape[0] - n) if b is None else b, rows[1]])
+        gate_up = torch.cat([m.gate_proj.weight.float(), m.up_proj.weight.float()]) * ln2
+        gu_b = _cat_bias([m.gate_proj, m.up_proj])
+        split = ((self.Hq + self.Hkv) * self.D, self.Hkv * self.D, n)
+        return _Layer(a, m, None, None, (w.to(dtype), None if b is None else b.to(dtype)), split,
+                      (gate_up.to(dtype), gu_b), qk_norm, o_proj, down, adapter)
 
     def check(self, cache, batch: int) -> None:
         """Raise unless ``cache`` is a DMSCache this model filled for ``batch`` rows, and the model
@@ -134,7 +193,7 @@ class FastDecoder:
         n = len(self.layers)
         if len(cache.layers) != n:
             raise ValueError(f"cache has {len(cache.layers)} layers, the model {n}: a cache of another model")
-        w = self.layers[0].ln1
+        w = self.layers[0].o_proj[0]
         for i, layer in enumerate(cache.layers):
             if layer.unusable:
                 raise RuntimeError(layer.unusable)
@@ -146,6 +205,20 @@ class FastDecoder:
                     f"cache layer {i} holds {layer.num_seqs} sequences of head_dim {layer.head_dim} ({layer.dtype} on "
                     f"{layer.device}); this model needs batch * kv heads = {batch} * {self.Hkv} of head_dim "
                     f"{self.D} ({w.dtype} on {w.device}): a cache of another model or batch")
+
+    def _evict(self, layer: _Layer, h: torch.Tensor, qk: torch.Tensor, folded: torch.Tensor) -> torch.Tensor:
+        """Eviction decisions bool [B, H_kv] of one layer from the folded logit rows of the
+        projection when there are, else the adapter on the residual ``h`` or the borrowed
+        neuron of ``qk`` (after q_norm)."""
+        per, a_scale, offset = self.alpha
+        if folded.shape[-1]:
+            logits = folded
+        elif layer.adapter is not None:
+            logits = adapter_logits(layer.adapter, h[:, None], per, a_scale, offset)[..., 0]
+        else:
+            logits = qk[:, self.neuron, -1] * a_scale - offset
+        evict = logits > 0
+        return evict if evict.shape[-1] == self.Hkv else evict.expand(-1, self.Hkv)
 
     @torch.no_grad()
     def step(self, cache: DMSCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -159,46 +232,39 @@ class FastDecoder:
                              f"{_describe(positions)}")
         B = tokens.shape[0]
         self.check(cache, B)
-        Hq, Hkv, D = self.Hq, self.Hkv, self.D
+        Hq, Hkv, D, eps = self.Hq, self.Hkv, self.D, self.eps_t
         S, G, H = B * Hkv, Hq // Hkv, Hq + Hkv
         base = self.model.model
         h = F.embedding(tokens, base.embed_tokens.weight)
         cos, sin = base.rotary_emb(h, positions[:, None])  # [B, 1, D], broadcast over heads
-        sin = sin * self.sign  # rotate_half(x) * sin == roll(x, D/2) * (sign * sin)
-        per, a_scale, offset = self.alpha
+        sin = sin * self.rot
+        if self.keep is not None:
+            cos = cos * self.keep
+        no_evict = None if self.evict else torch.zeros(B, Hkv, dtype=torch.bool, device=h.device)
         for layer, store in zip(self.layers, cache.layers):
-            x = _rms_norm(h, layer.ln1, self.eps)
             if layer.qkv is not None:
-                qkv = F.linear(x, *layer.qkv).view(B, H + Hkv, D)
-                qk, v = qkv[:, :H], qkv[:, H:]
+                qk, v, folded = F.linear(_normalize(h, eps), *layer.qkv).split(layer.split, -1)
+                qk = qk.view(B, H, D)
             else:
-                a = layer.attn
-                qk = torch.cat([a.q_proj(x), a.k_proj(x)], -1).view(B, H, D)
-                v = a.v_proj(x).view(B, Hkv, D)
+                a, x = layer.attn, _rms_norm(h, layer.ln1, eps)
+                qk, v, folded = torch.cat([a.q_proj(x), a.k_proj(x)], -1).view(B, H, D), a.v_proj(x), h[:, :0]
             if layer.qk_norm is not None:
-                qk = _rms_norm(qk, layer.qk_norm, self.eps)
-            if layer.adapter is not None:
-                logits = adapter_logits(layer.adapter, h[:, None], per, a_scale, offset)[..., 0]
-            else:
-                logits, _ = neuron_logits(qk[:, :Hq, None], Hkv, per, a_scale, offset)
-                logits = logits[..., 0]
-                qk = qk * self.keep
-            qk = qk * cos + qk.roll(D // 2, -1) * sin
-            if self.keep is not None:
-                qk = qk * self.keep  # RoPE mixed the zeroed dimension with its pair: zero it again
-            evict = (logits > 0) & self.evict
+                qk = _rms_norm(qk, layer.qk_norm, eps)
+            evict = self._evict(layer, h, qk, folded) if no_evict is None else no_evict
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
             store.append(qk[:, Hq:].reshape(S, 1, D), v.reshape(S, 1, D), evict.reshape(S, 1), None)
-            out = store.decode_attention(qk[:, :Hq].reshape(S, G, D), self.scaling)
-            h = h + F.linear(out.view(B, Hq * D), *layer.o_proj)
-            x = _rms_norm(h, layer.ln2, self.eps)
+            att = store.decode_attention(qk[:, :Hq].reshape(S, G, D), self.scaling)
+            h = _residual_linear(h, att.view(B, Hq * D), *layer.o_proj)
             m = layer.mlp
             if layer.gate_up is not None:
-                gate, up = F.linear(x, *layer.gate_up).chunk(2, -1)
+                gate, up = F.linear(_normalize(h, eps), *layer.gate_up).chunk(2, -1)
             else:
+                x = _rms_norm(h, layer.ln2, eps)
                 gate, up = m.gate_proj(x), m.up_proj(x)
             act = F.silu(gate) if self.silu else m.act_fn(gate)
-            h = h + F.linear(act * up, *layer.down)
-        return self.model.lm_head(_rms_norm(h, base.norm.weight, self.eps))
+            h = _residual_linear(h, act * up, *layer.down)
+        h = _rms_norm(h, base.norm.weight, eps)
+        return F.linear(h, *self.lm_head) if self.lm_head else self.model.lm_head(h)
 
 
 def _weights_version(model) -> tuple:
