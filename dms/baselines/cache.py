@@ -64,9 +64,10 @@ class PolicyLayer(DMSLayer):
 
     # -- one forward ---------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
-               scale: float) -> torch.Tensor:
+               scale: float, output: bool = True) -> torch.Tensor | None:
         """q [S, G, T, D]; k, v [S, T, D] post-RoPE; valid bool [S, T] or None -> out [S, G, T, D]
-        (zeros for pad queries)."""
+        (zeros for pad queries); with ``output=False`` None: the tokens are stored and scored,
+        the attention output is not computed."""
         S, G, T, D = q.shape
         ok = torch.ones(S, T, dtype=torch.bool, device=q.device) if valid is None else valid
         if not self.is_initialized:
@@ -77,10 +78,10 @@ class PolicyLayer(DMSLayer):
         qpos = torch.where(ok, old_seen[:, None] + rank, -1)
         self._record_new(old_len[:, None] + rank, qpos, ok)
         if self.policy == "streaming" and T == 1 and bool(ok.all()):
-            out = self.decode_attention(q[:, :, 0], scale)[:, :, None]  # no attention weights needed
+            out = self.decode_attention(q[:, :, 0], scale)[:, :, None] if output else None  # no weights needed
             self.read = self.store.seq_lens.long()
         else:
-            out = self._dense_attend(q, qpos, ok, scale, int(old_len.max()) if T > 1 else None)
+            out = self._dense_attend(q, qpos, ok, scale, int(old_len.max()) if T > 1 else None, output)
         self._evict()
         return out
 
@@ -94,10 +95,10 @@ class PolicyLayer(DMSLayer):
         self.positions[rows[ok], slots[ok]] = qpos[ok]
         self.scores[rows[ok], slots[ok]] = 0.0
 
-    def _dense_attend(self, q, qpos, ok, scale, before):
+    def _dense_attend(self, q, qpos, ok, scale, before, output=True):
         """Attention over the live slots (a Quest decode step: over its selected pages), keeping
         the probabilities H2O and TOVA score with. ``before``: most slots a row held before
-        this forward (None for a decode step)."""
+        this forward (None for a decode step); ``output`` False: scores only, returns None."""
         S, G, T, D = q.shape
         keys, values, live = self.store.dense()
         if self.policy == "quest" and T == 1:
@@ -107,11 +108,12 @@ class PolicyLayer(DMSLayer):
         had = ok.any(1)[:, None]
         if T > 1 and self.policy != "h2o":
             # A prefill that needs no probability matrix: fused attention (TOVA reads one row of it).
-            out = _fused(q, keys, values, live, pos, qpos, ok, scale, before)
+            out = _fused(q, keys, values, live, pos, qpos, ok, scale, before) if output else None
             if self.policy == "tova":
                 self._set_tova(_newest_query_probs(q, keys, live, pos, qpos, ok, scale), had)
             return out
-        out, received, current = _explicit(q, keys, values, live, pos, qpos, ok, scale, self.policy, before)
+        out, received, current = _explicit(q, keys, values if output else None, live, pos, qpos, ok, scale,
+                                           self.policy, before)
         if self.policy == "h2o":
             self.scores[:, :keys.shape[1]] += received
         elif self.policy == "tova":
@@ -183,15 +185,16 @@ def _explicit(q, keys, values, live, pos, qpos, ok, scale, policy, before):
     """Attention with the probability matrix, a block of queries at a time: out [S, G, T, D],
     H2O's received attention [S, L] (summed over the group and the queries; None for the other
     policies) and TOVA's newest-query attention [S, L] (group mean; None for the others).
-    ``before``: most slots a row held before this forward (None: no key is skipped)."""
+    ``before``: most slots a row held before this forward (None: no key is skipped);
+    ``values`` None: no output (None)."""
     S, G, T, D = q.shape
     L = keys.shape[1]
-    out = torch.empty(S, G, T, D, dtype=q.dtype, device=q.device)
+    out = None if values is None else torch.empty(S, G, T, D, dtype=q.dtype, device=q.device)
     received = torch.zeros(S, L, dtype=torch.float32, device=q.device) if policy == "h2o" else None
     current = torch.zeros(S, L, dtype=torch.float32, device=q.device) if policy == "tova" else None
     last = torch.where(ok, torch.arange(T, device=q.device)[None, :], -1).argmax(1)  # newest valid query
     pads = not bool(ok.all())
-    kt, values = keys.float().transpose(1, 2), values.float()
+    kt = keys.float().transpose(1, 2)
     step = max(1, _SCORE_BUDGET // max(1, S * G * L))
     for a in range(0, T, step):
         b = min(a + step, T)
@@ -205,7 +208,8 @@ def _explicit(q, keys, values, live, pos, qpos, ok, scale, policy, before):
         p = torch.softmax(s, dim=-1)
         if pads:
             p = p.nan_to_num_(0.0)  # pad queries see nothing: zero rows
-        out[:, :, a:b] = torch.bmm(p.view(S, G * t, n), values[:, :n]).view(S, G, t, D).to(q.dtype)
+        if out is not None:
+            out[:, :, a:b] = torch.bmm(p.view(S, G * t, n), values[:, :n].float()).view(S, G, t, D).to(q.dtype)
         if received is not None:
             received[:, :n] += p.sum(dim=(1, 2))
         if current is not None:
@@ -246,6 +250,14 @@ class PolicyCache(AttentionCache):
         B, Hq, T, D = q.shape
         qs, ks, vs, _, valid = sequences(q, k, v, None, padding)
         return self.layers[layer_idx].attend(qs, ks, vs, valid, scale).reshape(B, Hq, T, D)
+
+    def absorb(self, layer_idx, q, k, v, decisions, padding, scale) -> None:
+        """``attend`` without the attention output: the tokens are stored, scored and evicted
+        the same way (dms.eval.shared, when another cache supplies the forward's output)."""
+        if decisions is not None:
+            raise ValueError("an eviction-policy cache takes no DMS decisions (mode 'off')")
+        qs, ks, vs, _, valid = sequences(q, k, v, None, padding)
+        self.layers[layer_idx].attend(qs, ks, vs, valid, scale, output=False)
 
     def read_ratio(self) -> float:
         """Tokens seen / keys the last query read, each summed over layer, batch row and KV head (for

@@ -19,12 +19,14 @@ tasks and prompt lengths get different samples from the same seed numbers. The d
 the retrofit data starts at 2 * 10**9, the base's periodic evaluation uses 10**9 + i; see
 tests/eval/test_eval_seeds.py). Every method sees the same samples (prompts of the same length
 per task, so a batch needs no padding) and decodes greedily for as many tokens as the longest
-gold answer plus a margin. Compression ratio = tokens seen / retained, as DMSCache.stats
+gold answer plus a margin, or until every row has produced EOS (DMS models through the fast
+decode loop of dms.models.decode). Compression ratio = tokens seen / retained, as DMSCache.stats
 defines it. Each row carries its per-sample scores and a 95% interval (dms.eval.stats).
 """
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 
@@ -35,6 +37,7 @@ from dms.cache import DMSCache
 from dms.compat import cache_kwargs
 from dms.eval.shared import generate_shared
 from dms.eval.stats import wilson
+from dms.models.decode import generate as fast_generate
 from dms.tasks import TASKS, generate, min_length, score
 
 METHODS = ("vanilla", "dms") + POLICIES
@@ -138,8 +141,9 @@ def run_group(model, tokenizer, samples, makers: dict, batch_size: int, progress
         batch = [samples[i] for i in idx]
         enc = tokenizer([s.prompt for s in batch], return_tensors="pt", padding=True)
         caches = {name: make() for name, make in makers.items()}
-        outs = generate_shared(model, enc, list(caches.values()), max(gold[i] for i in idx) + _EXTRA_TOKENS,
-                               tokenizer.eos_token_id, tokenizer.pad_token_id)
+        decode = _generate_fast if len(caches) == 1 and isinstance(*caches.values(), DMSCache) else generate_shared
+        outs = decode(model, enc, list(caches.values()), max(gold[i] for i in idx) + _EXTRA_TOKENS,
+                      tokenizer.eos_token_id, tokenizer.pad_token_id)
         for (name, cache), (new, secs) in zip(caches.items(), outs):
             for i, t, s in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True), batch):
                 scores[name][i] = score(s.task, t, s)
@@ -151,6 +155,17 @@ def run_group(model, tokenizer, samples, makers: dict, batch_size: int, progress
     n = len(samples)
     return {name: dict(accuracy=sum(scores[name]) / n, scores=scores[name], seconds=seconds[name],
                        **{k: v / n for k, v in totals[name].items()}) for name in makers}
+
+
+def _generate_fast(model, enc, caches, max_new_tokens, eos_token_id, pad_token_id):
+    """``generate_shared`` for one DMSCache of a DMS model: the prompt through the model, the
+    answer through dms.models.decode (the same greedy tokens without transformers' per-step
+    Python; it stops once every row has produced EOS)."""
+    t0 = time.perf_counter()
+    ids = enc["input_ids"]
+    out = fast_generate(model, ids, enc["attention_mask"], *caches, max_new_tokens, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id)
+    return [(out[:, ids.shape[1]:], time.perf_counter() - t0)]
 
 
 def load_base(path: str):

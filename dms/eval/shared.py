@@ -10,6 +10,8 @@ from the shared first token (``generate`` continues a filled cache).
 
 The output passed on is the plain model's: the dense member's attention when there is one
 (the vanilla computation), else the first member's (a baseline's prefill attention is exact).
+Members whose output would go unused and that can skip it (PolicyCache.absorb) only store and
+score the tokens.
 """
 from __future__ import annotations
 
@@ -47,8 +49,10 @@ class SharedPrefill(AttentionCache):
         if self.columns:
             raise RuntimeError("SharedPrefill serves one prompt forward; decode with each member cache")
         out = None
-        for m in self.members:
-            if isinstance(m, AttentionCache):
+        for m in sorted(self.members, key=lambda m: isinstance(m, AttentionCache)):  # dense members first
+            if out is not None and hasattr(m, "absorb"):
+                m.absorb(layer_idx, q, k, v, decisions, padding, scale)  # its output would go unused
+            elif isinstance(m, AttentionCache):
                 o = m.attend(layer_idx, q, k, v, decisions, padding, scale)
                 out = o if out is None else out
             else:

@@ -217,7 +217,7 @@ def test_quest_in_generate():
     assert small.read_ratio() == pytest.approx(45 / 9)  # 2 pages of 4 + the newest page's 1 slot
 
 
-def _eager_reference(self, q, qpos, ok, scale, before=None):
+def _eager_reference(self, q, qpos, ok, scale, before=None, output=True):
     """PolicyLayer's attention as first written: every forward eager over all live slots, the
     whole probability matrix at once."""
     S, G, T, D = q.shape
@@ -269,3 +269,21 @@ def test_fast_prefill_equals_the_eager_attention(policy, chunk, padded, monkeypa
         assert torch.equal(a.store.seq_lens, b.store.seq_lens)
         assert torch.equal(a.positions[:, :n], b.positions[:, :n])
         torch.testing.assert_close(a.scores[:, :n], b.scores[:, :n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "quest"])
+def test_absorb_stores_and_scores_like_attend(policy):
+    """absorb (no attention output, dms.eval.shared) leaves the cache as attend does."""
+    model = _off_model()
+    B, Hq, Hkv, T, D = 2, 4, 2, 20, 16
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(B, Hq, T, D, generator=gen), torch.randn(B, Hkv, T, D, generator=gen), \
+        torch.randn(B, Hkv, T, D, generator=gen)
+    padding = torch.ones(B, T, dtype=torch.bool)
+    padding[1, :5] = False
+    full, quiet = (PolicyCache(model, policy, 8, page_size=4) for _ in range(2))
+    assert full.attend(0, q, k, v, None, padding, 0.25).shape == (B, Hq, T, D)
+    assert quiet.absorb(0, q, k, v, None, padding, 0.25) is None
+    a, b = full.layers[0], quiet.layers[0]
+    assert all(torch.equal(x, y) for x, y in zip(a.store.dense(), b.store.dense()))  # free pages hold garbage
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.scores, b.scores) and torch.equal(a.read, b.read)
