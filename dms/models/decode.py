@@ -123,6 +123,13 @@ class FastDecoder:
             ones = torch.ones(1, self.Hq + self.Hkv, 1, self.D, dtype=w0.dtype, device=w0.device)
             self.keep = zero_neuron(ones, self.neuron)[0, :, 0]
             self.rot = self.keep * self.keep.roll(half, -1) * sign
+        # cos/sin computed here with fewer kernels than the rotary module for the RoPE types
+        # whose frequencies depend on the position only (dynamic and longrope ones rescale).
+        rotary, self.rope = model.model.rotary_emb, None
+        rope_type = getattr(rotary, "rope_type", None)
+        if isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope":
+            inv = rotary.inv_freq.float()
+            self.rope = (torch.cat([inv, inv]), float(rotary.attention_scaling), self.rot.float() * rotary.attention_scaling)
         self.layers = []
         with torch.no_grad():
             for l in layers:
@@ -220,6 +227,18 @@ class FastDecoder:
         evict = logits > 0
         return evict if evict.shape[-1] == self.Hkv else evict.expand(-1, self.Hkv)
 
+    def _cos_sin(self, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary module's cos and sin [B, 1, D] at ``positions``, sin times ``self.rot``."""
+        if self.rope is None:
+            cos, sin = self.model.model.rotary_emb(h, positions[:, None])
+            return cos, sin * self.rot
+        inv_freq, scaling, rot = self.rope
+        freqs = positions[:, None, None].float() * inv_freq
+        cos, sin = freqs.cos(), freqs.sin() * rot
+        if scaling != 1.0:
+            cos = cos * scaling
+        return (cos, sin) if h.dtype == torch.float32 else (cos.to(h.dtype), sin.to(h.dtype))
+
     @torch.no_grad()
     def step(self, cache: DMSCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One new token per row: tokens, positions int [B] (the token's RoPE position) ->
@@ -236,8 +255,7 @@ class FastDecoder:
         S, G, H = B * Hkv, Hq // Hkv, Hq + Hkv
         base = self.model.model
         h = F.embedding(tokens, base.embed_tokens.weight)
-        cos, sin = base.rotary_emb(h, positions[:, None])  # [B, 1, D], broadcast over heads
-        sin = sin * self.rot
+        cos, sin = self._cos_sin(h, positions)  # [B, 1, D], broadcast over heads
         if self.keep is not None:
             cos = cos * self.keep
         no_evict = None if self.evict else torch.zeros(B, Hkv, dtype=torch.bool, device=h.device)
