@@ -30,10 +30,9 @@ def _layer_state(cache):
              layer.store.ring_flags.clone()) for layer in cache.layers]
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_logits_and_cache_equal_transformers_path(arch, variant, fuse):
-    model = forced_dms_model(arch, variant, window=3)
+def _assert_follows_transformers_path(model, fuse=None, evicts=True):
+    """12 fast steps on a copy of a prefilled cache give the transformers path's logits and
+    leave both caches in the same state; ``evicts``: some token was evicted during decode."""
     ids, mask = left_padded([9, 5, 7])
     ref_cache, logits, pos = _prefilled(model, ids, mask)
     fast_cache = copy.deepcopy(ref_cache)
@@ -53,8 +52,37 @@ def test_logits_and_cache_equal_transformers_path(arch, variant, fuse):
                 assert torch.equal(x, y)
         evicted += int((ref_cache.layers[0].store.num_seen - ref_cache.layers[0].store.seq_lens).sum())
         tok, pos = ref.argmax(-1), pos + 1
-    assert evicted > 0, "the test must see evictions during decode"
-    assert fast_cache.stats()["compression_ratio"] == ref_cache.stats()["compression_ratio"] > 1.0
+    assert (evicted > 0) == evicts
+    assert fast_cache.stats()["compression_ratio"] == ref_cache.stats()["compression_ratio"]
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_and_cache_equal_transformers_path(arch, variant, fuse):
+    _assert_follows_transformers_path(forced_dms_model(arch, variant, window=3), fuse)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_logit_per_layer_and_disabled_eviction(variant, fuse):
+    """alpha_per="layer" (one logit row shared by the KV heads) and dms_disable_eviction."""
+    _assert_follows_transformers_path(forced_dms_model("llama", variant, window=3, dms_alpha_per="layer"), fuse)
+    model = forced_dms_model("llama", variant, window=3, dms_disable_eviction=True)
+    _assert_follows_transformers_path(model, fuse, evicts=False)
+
+
+@pytest.mark.parametrize("rope", [dict(rope_type="linear", factor=2.0),
+                                  dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=8),
+                                  dict(rope_type="dynamic", factor=2.0)])
+def test_scaled_rope_follows_transformers_path(rope):
+    """cos/sin computed by the decoder (linear; yarn, whose attention scaling is not 1) or by
+    the rotary module (dynamic)."""
+    model = forced_dms_model("llama", "adapter", window=3)
+    cfg = copy.deepcopy(model.config)
+    cfg.rope_parameters = dict(rope, rope_theta=cfg.rope_parameters["rope_theta"])
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)
+    assert (FastDecoder(model).rope is None) == (rope["rope_type"] == "dynamic")
+    _assert_follows_transformers_path(model)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
