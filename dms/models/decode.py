@@ -6,27 +6,34 @@ projections. ``FastDecoder.step`` runs the same arithmetic as a DMS model in inf
 (dms.apply / dms.from_pretrained; Llama, Qwen2, Qwen3, Mistral; borrowed-neuron and adapter
 variants) for one new token per batch row: embedding, then per layer RMSNorm, one fused
 q/k/v matmul, q_norm/k_norm where the architecture has them, RoPE on q and k at once, the
-eviction decision (dms.attention.decisions, the same functions the model layers call),
-``DMSLayer.append`` + ``DMSLayer.decode_attention`` on the model's own DMSCache, o_proj, the
-MLP with gate and up fused, and finally the norm and the LM head. It adds no host sync: the
-cache's page bookkeeping is the only one, amortised as in the transformers path.
+eviction decision (the formulas of dms.attention.decisions), ``DMSLayer.append`` +
+``DMSLayer.decode_attention`` on the model's own DMSCache, o_proj, the MLP with gate and up
+fused, and finally the norm and the LM head. It adds no host sync: the cache's page
+bookkeeping is the only one, amortised as in the transformers path.
 
 The prompt goes through the model itself (``generate`` does that prefill), so the fast path
 only continues a cache the model filled; logits and cache state equal the transformers path
-step by step (tests/models/test_fast_decode.py).
+step by step up to rounding (tests/models/test_fast_decode.py).
 
     from dms.models.decode import generate
     out = generate(model, input_ids, attention_mask, max_new_tokens=64)             # greedy
     out = generate(model, input_ids, attention_mask, max_new_tokens=64, do_sample=True,
                    temperature=0.7, top_p=0.9, generator=torch.Generator().manual_seed(0))
 
-Fusing copies the q/k/v and gate/up weights (about as many bytes again). The copy pays where
-per-op overhead is comparable to a matmul, i.e. small models; ``fuse=None`` (the default)
-fuses only while the copies stay under ``_FUSE_BYTES`` and otherwise multiplies by the
-model's own weights one projection at a time. torch.compile is not applied: compiling
-``step`` (2026-12-01, the ``dms bench`` model at 4K, one thread) took 32 s for 12 graphs, split
-by the cache's host-side bookkeeping around each layer's append, and gave no faster step
-(6.5 vs 5.9 ms of CPU time).
+At decode sizes every kernel launch costs about as much as its arithmetic, so the step is
+written in few of them. Fusing copies the q/k/v and gate/up weights (about as many bytes
+again), and the copies take in what depends only on the weights: the input norms' weights,
+and the eviction logits (the adapter, its norm included, or the borrowed neuron's row, with
+alpha's scale and offset) as extra rows of the q/k/v matmul, so that one matmul of the
+normalised residual yields q, k, v and the decisions. ``fuse=None`` (the default) fuses only
+while the copies stay under ``_FUSE_BYTES`` and otherwise multiplies by the model's own
+weights one projection at a time (the adapter and the norms then run as in the model).
+RoPE's cos/sin and the borrowed neuron's masks are computed once per step, residual adds
+ride in addmm. torch.compile is not applied: compiling ``step`` (the ``dms bench`` model at
+4K, one thread) took 32 s for 12 graphs, split by the cache's host-side bookkeeping around
+each layer's append, and gave no faster step (6.5 vs 5.9 ms of CPU time); compiling only the
+parts around the attention (2026-12-01, with and without inductor's C++ wrapper) did not beat
+this eager code either (243 vs 237 us of CPU time per layer).
 """
 from __future__ import annotations
 
@@ -269,9 +276,9 @@ class FastDecoder:
             if layer.qk_norm is not None:
                 qk = _rms_norm(qk, layer.qk_norm, eps)
             evict = self._evict(layer, h, qk, folded) if no_evict is None else no_evict
-            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)
-            store.append(qk[:, Hq:].reshape(S, 1, D), v.reshape(S, 1, D), evict.reshape(S, 1), None)
-            att = store.decode_attention(qk[:, :Hq].reshape(S, G, D), self.scaling)
+            q, k = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin).split((Hq, Hkv), 1)
+            store.append(k.reshape(S, 1, D), v.reshape(S, 1, D), evict.reshape(S, 1), None)
+            att = store.decode_attention(q.reshape(S, G, D), self.scaling)
             h = _residual_linear(h, att.view(B, Hq * D), *layer.o_proj)
             m = layer.mlp
             if layer.gate_up is not None:
