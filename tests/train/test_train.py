@@ -271,7 +271,8 @@ def test_neuron_variant_trains_only_borrowed_rows_and_teacher_stays_exact(tmp_pa
     pos = torch.arange(16).expand(2, 16)
     with torch.no_grad():
         expected = plain.model(input_ids=ids, position_ids=pos).last_hidden_state
-    torch.testing.assert_close(trainer.teacher_hidden(ids, None, pos), expected, rtol=0, atol=0)
+    # The plain model's eager attention against the teacher's fused one: fp32 rounding apart.
+    torch.testing.assert_close(trainer.teacher_hidden(ids, None, pos), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_full_finetune_trains_base_against_frozen_copy(tmp_path):
