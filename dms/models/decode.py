@@ -136,7 +136,8 @@ class FastDecoder:
         rope_type = getattr(rotary, "rope_type", None)
         if isinstance(rope_type, str) and "dynamic" not in rope_type and rope_type != "longrope":
             inv = rotary.inv_freq.float()
-            self.rope = (torch.cat([inv, inv]), float(rotary.attention_scaling), self.rot.float() * rotary.attention_scaling)
+            scaling = float(rotary.attention_scaling)
+            self.rope = (torch.cat([inv, inv]), scaling, self.rot.float() * scaling)
         self.layers = []
         with torch.no_grad():
             for l in layers:
