@@ -24,7 +24,9 @@ The model runs with the vanilla attention math: a DMS model in mode "off" hands 
 no probability matrix (StreamingLLM, Quest; TOVA, which scores with the newest query's row
 only) attends through ``scaled_dot_product_attention``; H2O sums every query's probabilities,
 so its prefill stays explicit, in blocks of queries that skip the keys causally hidden from
-them. Decode steps (one query over about ``budget`` slots) are explicit too.
+them. Decode steps (one query over about ``budget`` slots) are explicit too; Quest's keeps the
+per-page key bounds up to date one page at a time (only each row's newest page changes) and
+reads the chosen pages alone.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from dms.baselines.policies import POLICIES, h2o_keep, quest_select, streaming_keep, tova_keep
+from dms.baselines.policies import POLICIES, h2o_keep, page_bounds, quest_pages, streaming_keep, tova_keep
 from dms.cache import AttentionCache, DMSCache, DMSLayer, sequences
 
 # Elements of one [S, G, queries, keys] score block (queries are processed in pieces below it).
@@ -61,6 +63,9 @@ class PolicyLayer(DMSLayer):
         self.positions = torch.zeros(S, 0, dtype=torch.int64, device=self.device)
         self.scores = torch.zeros(S, 0, dtype=torch.float32, device=self.device)
         self.read = torch.zeros(S, dtype=torch.int64, device=self.device)  # keys the last query of s read
+        if self.policy == "quest":  # per page: min and max of each key channel (policies.page_bounds)
+            self.kmin = torch.full((S, 0, self.head_dim), float("inf"), device=self.device)
+            self.kmax = torch.full((S, 0, self.head_dim), float("-inf"), device=self.device)
 
     # -- one forward ---------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None,
@@ -80,6 +85,8 @@ class PolicyLayer(DMSLayer):
         if self.policy == "streaming" and T == 1 and bool(ok.all()):
             out = self.decode_attention(q[:, :, 0], scale)[:, :, None] if output else None  # no weights needed
             self.read = self.store.seq_lens.long()
+        elif self.policy == "quest" and T == 1:
+            out = self._quest_decode(q[:, :, 0], scale, output)
         else:
             out = self._dense_attend(q, qpos, ok, scale, int(old_len.max()) if T > 1 else None, output)
         self._evict()
@@ -96,13 +103,13 @@ class PolicyLayer(DMSLayer):
         self.scores[rows[ok], slots[ok]] = 0.0
 
     def _dense_attend(self, q, qpos, ok, scale, before, output=True):
-        """Attention over the live slots (a Quest decode step: over its selected pages), keeping
-        the probabilities H2O and TOVA score with. ``before``: most slots a row held before
-        this forward (None for a decode step); ``output`` False: scores only, returns None."""
+        """Attention over the live slots, keeping the probabilities H2O and TOVA score with.
+        ``before``: most slots a row held before this forward (None for a decode step);
+        ``output`` False: scores only, returns None."""
         S, G, T, D = q.shape
         keys, values, live = self.store.dense()
-        if self.policy == "quest" and T == 1:
-            live = quest_select(q[:, :, 0], keys, live, self.page_size, self.budget)
+        if self.policy == "quest":
+            self.kmin, self.kmax = page_bounds(keys, live, self.page_size)
         self.read = live.sum(1)
         pos = self.positions[:, :keys.shape[1]]
         had = ok.any(1)[:, None]
@@ -119,6 +126,46 @@ class PolicyLayer(DMSLayer):
         elif self.policy == "tova":
             self._set_tova(current, had)
         return out
+
+    def _quest_decode(self, q: torch.Tensor, scale: float, output: bool) -> torch.Tensor | None:
+        """A Quest decode step, q [S, G, D]: the page bounds change only on each row's newest
+        page, and the query reads the chosen pages alone -> [S, G, 1, D] (None without output)."""
+        S, ps = self.num_seqs, self.page_size
+        lens = self.store.seq_lens.long()
+        P = -(-int(lens.max()) // ps)
+        rows = torch.arange(S, device=self.device)
+        self._newest_page_bounds(lens, rows, P)
+        chosen = quest_pages(q, self.kmin[:, :P], self.kmax[:, :P], lens, ps, self.budget)  # [S, P]
+        K = int(chosen.sum(1).max())
+        page = torch.where(chosen, torch.arange(P, device=self.device), P).sort(1).values[:, :K]
+        used = page < P
+        page = page.clamp_max(P - 1)
+        slot = page[..., None] * ps + torch.arange(ps, device=self.device)  # [S, K, ps]
+        live = (used[..., None] & (slot < lens[:, None, None])).view(S, K * ps)
+        self.read = live.sum(1)
+        if not output:
+            return None
+        phys = self.store.block_table[rows[:, None], page].long().clamp_min(0)
+        dead = ~live[..., None]  # unused slots may hold stale memory (NaN): zero them, not just mask
+        keys = self.store.k_pages[phys].view(S, K * ps, -1).float().masked_fill_(dead, 0.0)
+        values = self.store.v_pages[phys].view(S, K * ps, -1).float().masked_fill_(dead, 0.0)
+        s = torch.einsum("sgd,sld->sgl", q.float(), keys) * scale
+        p = torch.softmax(s.masked_fill_(~live[:, None], float("-inf")), dim=-1)
+        return torch.einsum("sgl,sld->sgd", p, values).to(q.dtype)[:, :, None]
+
+    def _newest_page_bounds(self, lens: torch.Tensor, rows: torch.Tensor, pages: int) -> None:
+        """Recompute the bounds of the page holding each row's newest slot (the one a decode step
+        wrote), after growing the bound tensors to ``pages`` pages."""
+        if pages > self.kmin.shape[1]:
+            grow = max(pages, math.ceil(self.kmin.shape[1] * 1.25)) - self.kmin.shape[1]
+            self.kmin = torch.cat([self.kmin, self.kmin.new_full((self.num_seqs, grow, self.head_dim), float("inf"))], 1)
+            self.kmax = torch.cat([self.kmax, self.kmax.new_full((self.num_seqs, grow, self.head_dim), float("-inf"))], 1)
+        ps = self.page_size
+        newest = (lens - 1).clamp_min(0) // ps
+        keys = self.store.k_pages[self.store.block_table[rows, newest].long().clamp_min(0)].float()  # [S, ps, D]
+        dead = ~(newest[:, None] * ps + torch.arange(ps, device=self.device) < lens[:, None])[..., None]
+        self.kmin[rows, newest] = keys.masked_fill(dead, float("inf")).amin(1)
+        self.kmax[rows, newest] = keys.masked_fill(dead, float("-inf")).amax(1)
 
     def _set_tova(self, current: torch.Tensor, had: torch.Tensor) -> None:
         L = current.shape[1]

@@ -70,25 +70,40 @@ def tova_keep(scores: torch.Tensor, live: torch.Tensor, budget: int) -> torch.Te
     return _top(scores, live, budget)
 
 
-def quest_select(q: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, page_size: int, budget: int) -> torch.Tensor:
-    """Slots a decode query reads under Quest: the ``max(1, budget // page_size)`` pages with the
-    highest bound (summed over the G query heads of the sequence) plus the page of the newest
-    live slot (slots fill in order: Quest never evicts). q [S, G, D], keys [S, L, D] ->
-    bool [S, L]."""
-    _check(live, budget)
+def page_bounds(keys: torch.Tensor, live: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per page of ``page_size`` consecutive slots, the min and max of every key channel over
+    its live slots: keys [S, L, D], live [S, L] -> kmin, kmax float [S, ceil(L / page_size), D]
+    (+inf / -inf for a page without a live slot)."""
     S, L, D = keys.shape
     P = -(-L // page_size)
     pad = P * page_size - L
     k = torch.nn.functional.pad(keys.float(), (0, 0, 0, pad)).view(S, P, page_size, D)
     alive = torch.nn.functional.pad(live, (0, pad)).view(S, P, page_size, 1)
-    kmin = k.masked_fill(~alive, float("inf")).amin(2)  # [S, P, D]
-    kmax = k.masked_fill(~alive, float("-inf")).amax(2)
+    return k.masked_fill(~alive, float("inf")).amin(2), k.masked_fill(~alive, float("-inf")).amax(2)
+
+
+def quest_pages(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, lens: torch.Tensor, page_size: int,
+                budget: int) -> torch.Tensor:
+    """Pages a decode query reads under Quest, from ``page_bounds``: the ``max(1, budget //
+    page_size)`` pages with the highest bound (summed over the G query heads of the sequence)
+    plus the page of the newest slot (slots fill in order: Quest never evicts). q [S, G, D],
+    kmin/kmax [S, P, D], lens [S] live slots -> bool [S, P]."""
+    S, P, _ = kmin.shape
     qf = q.float()[:, :, None, :]  # [S, G, 1, D]
     bound = torch.maximum(qf * kmin[:, None], qf * kmax[:, None]).sum(-1).sum(1)  # [S, P]
-    page_live = alive.any(2).squeeze(-1)
+    page_live = kmin[..., 0] <= kmax[..., 0]
     bound = bound.masked_fill(~page_live, float("-inf"))
     chosen = torch.zeros_like(page_live)
     chosen.scatter_(1, bound.topk(min(P, max(1, budget // page_size)), dim=1).indices, True)
-    newest = (live.long().sum(1) - 1).clamp_min(0) // page_size
-    chosen[torch.arange(S, device=live.device), newest] = True
-    return chosen.repeat_interleave(page_size, dim=1)[:, :L] & live
+    newest = (lens.long() - 1).clamp_min(0) // page_size
+    chosen[torch.arange(S, device=q.device), newest] = True
+    return chosen & page_live
+
+
+def quest_select(q: torch.Tensor, keys: torch.Tensor, live: torch.Tensor, page_size: int, budget: int) -> torch.Tensor:
+    """Slots a decode query reads under Quest (``quest_pages`` over the pages of ``keys``).
+    q [S, G, D], keys [S, L, D], live [S, L] (the first slots of each row) -> bool [S, L]."""
+    _check(live, budget)
+    kmin, kmax = page_bounds(keys, live, page_size)
+    chosen = quest_pages(q, kmin, kmax, live.sum(1), page_size, budget)
+    return chosen.repeat_interleave(page_size, dim=1)[:, :keys.shape[1]] & live

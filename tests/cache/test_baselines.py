@@ -222,8 +222,6 @@ def _eager_reference(self, q, qpos, ok, scale, before=None, output=True):
     whole probability matrix at once."""
     S, G, T, D = q.shape
     keys, values, live = self.store.dense()
-    if self.policy == "quest" and T == 1:
-        live = quest_select(q[:, :, 0], keys, live, self.page_size, self.budget)
     self.read = live.sum(1)
     L = keys.shape[1]
     allowed = live[:, None, :] & (self.positions[:, None, :L] <= qpos[:, :, None])
@@ -237,13 +235,23 @@ def _eager_reference(self, q, qpos, ok, scale, before=None, output=True):
     return torch.einsum("sgtl,sld->sgtd", p, values)
 
 
+def _quest_decode_reference(self, q, scale, output=True):
+    """A Quest decode step as first written: page bounds from every live key, attention over
+    all slots with the unchosen ones masked."""
+    keys, values, live = self.store.dense()
+    live = quest_select(q, keys, live, self.page_size, self.budget)
+    self.read = live.sum(1)
+    s = torch.einsum("sgd,sld->sgl", q, keys) * scale
+    return torch.einsum("sgl,sld->sgd", s.masked_fill(~live[:, None], float("-inf")).softmax(-1), values)[:, :, None]
+
+
 @pytest.mark.parametrize("chunk,padded", [(None, False), (None, True), (7, True)])
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "quest"])
 def test_fast_prefill_equals_the_eager_attention(policy, chunk, padded, monkeypatch):
     """The prefill's fused attention (SDPA, plain causal without pads; H2O: blocks that skip
-    the causally hidden keys) gives the logits, kept tokens and scores of plain eager
-    attention, also with left padding and with the prompt fed in chunks on top of what the
-    cache kept."""
+    the causally hidden keys) and Quest's decode (page bounds kept per page, only the chosen
+    pages read) give the logits, kept tokens and scores of plain eager attention, also with
+    left padding and with the prompt fed in chunks on top of what the cache kept."""
     model = _off_model(seed=2)
     ids = torch.randint(3, 128, (3, 30), generator=torch.Generator().manual_seed(7))
     mask = torch.ones_like(ids)
@@ -261,6 +269,7 @@ def test_fast_prefill_equals_the_eager_attention(policy, chunk, padded, monkeypa
     monkeypatch.setattr("dms.baselines.cache._SCORE_BUDGET", 1024)  # H2O's prefill in blocks of a few queries
     fast, fast_cache = run()
     monkeypatch.setattr(PolicyLayer, "_dense_attend", _eager_reference)
+    monkeypatch.setattr(PolicyLayer, "_quest_decode", _quest_decode_reference)
     ref, ref_cache = run()
     assert torch.equal(fast.sequences, ref.sequences)
     torch.testing.assert_close(torch.stack(fast.logits), torch.stack(ref.logits), rtol=1e-5, atol=1e-5)
@@ -269,6 +278,7 @@ def test_fast_prefill_equals_the_eager_attention(policy, chunk, padded, monkeypa
         assert torch.equal(a.store.seq_lens, b.store.seq_lens)
         assert torch.equal(a.positions[:, :n], b.positions[:, :n])
         torch.testing.assert_close(a.scores[:, :n], b.scores[:, :n], rtol=1e-5, atol=1e-6)
+        assert torch.equal(a.read, b.read)
 
 
 @pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "quest"])
