@@ -19,6 +19,7 @@ import sys
 from collections.abc import Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dms.attention.decisions import ADAPTER_NORM, ADAPTER_PROJ, add_adapter, adapter_logits
@@ -114,7 +115,7 @@ class DMSForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden_states)
+        return self.lm_head_gemm(hidden_states)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kwargs):
         from vllm.forward_context import get_forward_context
@@ -127,12 +128,12 @@ class DMSForCausalLM(nn.Module):
             meta = meta.get(self.attn[0].layer_name)
         stores = self._stores()
         plan = self.slots.plan(meta, stores, h.device) if meta is not None and stores else None
-        for layer, attn in zip(self.model.layers, self.attn):
+        for layer, attn, gemm in zip(self.model.layers, self.attn, self.gemms):
             residual = h
-            x = self._attention(layer.self_attn, attn, layer.input_layernorm(h), residual, cos, sin, plan)
+            x = self._attention(layer.self_attn, attn, gemm, layer.input_layernorm(h), residual, cos, sin, plan)
             h = residual + x
-            residual = h
-            h = residual + layer.mlp(layer.post_attention_layernorm(h))
+            gate, up = gemm.gate_up(layer.post_attention_layernorm(h)).chunk(2, dim=-1)
+            h = h + gemm.down(layer.mlp.act_fn(gate) * up)
         if plan is not None:
             self.slots.report(plan, meta, stores)
         return self.model.norm(h)[0]
@@ -149,13 +150,12 @@ class DMSForCausalLM(nn.Module):
             self._bound = key
         return [a.store for a in self.attn]
 
-    def _attention(self, mod, attn: DMSAttention, x, residual, cos, sin, plan):
+    def _attention(self, mod, attn: DMSAttention, gemm, x, residual, cos, sin, plan):
         """The transformers attention module's projections around the DMS store."""
         _, N, _ = x.shape
         D = self.head_dim
-        q = mod.q_proj(x).view(1, N, -1, D)
-        k = mod.k_proj(x).view(1, N, -1, D)
-        v = mod.v_proj(x).view(N, -1, D)
+        q, k, v = gemm.qkv(x).split(gemm.qkv_sizes, dim=-1)
+        q, k, v = q.view(1, N, -1, D), k.view(1, N, -1, D), v.reshape(N, -1, D)
         if hasattr(mod, "q_norm"):
             q, k = mod.q_norm(q), mod.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [1, heads, N, D]
@@ -207,7 +207,56 @@ class DMSForCausalLM(nn.Module):
         missing = sorted(n for n in params if n not in loaded and not n.endswith(f"{ADAPTER_PROJ}.bias"))
         if missing:
             raise ValueError(f"checkpoint lacks weights {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+        self._fuse()
         return set(params)
+
+    def _fuse(self) -> None:
+        """One GEMM for q/k/v and one for gate/up per layer, through vLLM's GEMM for the platform
+        (on CPU oneDNN with packed weights, as vLLM's own models): a decode step is a few small
+        matrix products per layer, so per-call cost decides its time. The transformers modules'
+        q/k/v and MLP weights are dropped once copied into the fused ones."""
+        gemms = nn.ModuleList()
+        for layer in self.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            if any(getattr(p, "bias", None) is not None for p in (m.gate_proj, m.up_proj, m.down_proj)):
+                raise ValueError("the DMS plugin's model has no MLP bias (mlp_bias must be false)")
+            g = nn.Module()
+            g.qkv = Gemm.cat([a.q_proj, a.k_proj, a.v_proj])
+            g.qkv_sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
+            g.gate_up, g.down = Gemm.cat([m.gate_proj, m.up_proj]), Gemm.cat([m.down_proj])
+            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj, m.down_proj):
+                lin.weight.data = lin.weight.data.new_empty(0)
+            gemms.append(g)
+        self.gemms = gemms
+        self.lm_head_gemm = Gemm.cat([self.lm_head])
+
+
+class Gemm(nn.Module):
+    """x @ weight.T + bias through vLLM's unquantized GEMM for the platform (F.linear off CPU)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        # Buffers: built from loaded weights, so vLLM's loader must not expect them in a checkpoint.
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.cpu_linear = F.linear
+        if weight.device.type == "cpu":
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            dispatch_cpu_unquantized_gemm(self, remove_weight=False)
+
+    @classmethod
+    def cat(cls, linears: list[nn.Linear]) -> "Gemm":
+        """One GEMM whose outputs are those of ``linears`` side by side (same input)."""
+        biases = [lin.bias for lin in linears]
+        if any(b is None for b in biases) and any(b is not None for b in biases):
+            biases = [torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device)
+                      if b is None else b for lin, b in zip(linears, biases)]
+        bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+        return cls(torch.cat([lin.weight.detach() for lin in linears]), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cpu_linear(x, self.weight, self.bias)
 
 
 def dispatcher(arch: str) -> type:
