@@ -31,11 +31,21 @@ void decode_scalar(const PagedStore<const T>& st, const T* q, int64_t G, float s
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t g = 0; g < G; ++g) max[g] = -INFINITY, sum[g] = 0.f;
   const int32_t ps = st.page_size;
+  const int64_t ahead = prefetch_distance(D, sizeof(T), ps);
   for (int32_t first = span.begin; first < span.end;) {
     const int32_t n = std::min({kTile, span.end - first, ps - first % ps});
     const int64_t row = st.row(span.seq, first);
     const T* k = st.k_row(row);
     const T* v = st.v_row(row);
+    if (first + ahead < span.end) {
+      const int64_t next = st.row(span.seq, static_cast<int32_t>(first + ahead));
+      const char* nk = reinterpret_cast<const char*>(st.k_row(next));
+      const char* nv = reinterpret_cast<const char*>(st.v_row(next));
+      for (int64_t b = 0; b < n * D * static_cast<int64_t>(sizeof(T)); b += 64) {
+        prefetch_l2(nk + b);
+        prefetch_l2(nv + b);
+      }
+    }
     for (int64_t g = 0; g < G; ++g) {
       const float* qg = qf + g * D;
       for (int32_t t = 0; t < n; ++t) {
