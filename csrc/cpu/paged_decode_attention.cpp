@@ -117,8 +117,13 @@ void decode(DecodeFn<T> kernel, const dms::PagedStore<const T>& st, const T* q, 
   const int64_t S = st.num_seqs, D = st.head_dim;
   const auto pieces = pieces_in_pool_order(st);
   const int64_t count = static_cast<int64_t>(pieces.size());
-  // One share of the pieces per thread, each with its own state for every sequence.
-  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), count));
+  // One share of the pieces per thread, each with its own state for every sequence: fewer when
+  // a share would read less than 8 times its state's bytes of K and V (the states are zeroed,
+  // written and merged, so they must stay small next to the pages).
+  const int64_t kv_bytes = count * st.page_size * D * 2 * static_cast<int64_t>(sizeof(T));
+  const int64_t state_bytes = S * G * (D + 2) * static_cast<int64_t>(sizeof(float));
+  const int64_t worth = kv_bytes / std::max<int64_t>(1, 8 * state_bytes);
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), worth));
   std::vector<float> acc(shares * S * G * D, 0.f), max(shares * S * G, -INFINITY), sum(shares * S * G, 0.f);
   at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(decode_scratch_floats(G, D));
