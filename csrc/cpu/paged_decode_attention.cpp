@@ -89,26 +89,33 @@ DecodeKernels kernels_for(Isa isa) {
   return scalar_kernels();
 }
 
-// The live part of every page, in pool order (a counting sort by page id: the pool is read in
-// that order, so pages that are adjacent there are read one after the other).
+// The live part of every page, in pool order: a counting sort by page id, or a comparison sort
+// when the pool is much larger than its live pages (vLLM preallocates it), so that a call costs
+// no pass over the whole pool.
 template <typename DType>
 std::vector<DecodePiece> pieces_in_pool_order(const dms::PagedStore<DType>& st) {
-  std::vector<int64_t> start(st.num_pages + 1, 0);
+  const int32_t ps = st.page_size;
+  const auto pages_of = [&](int64_t s) { return dms::pages_for(st.seq_lens[s], ps); };
   int64_t total = 0;
-  for (int64_t s = 0; s < st.num_seqs; ++s) {
-    const int32_t pages = dms::pages_for(st.seq_lens[s], st.page_size);
-    for (int32_t j = 0; j < pages; ++j) ++start[st.block_row(s)[j] + 1];
-    total += pages;
-  }
-  for (int64_t p = 0; p < st.num_pages; ++p) start[p + 1] += start[p];
+  for (int64_t s = 0; s < st.num_seqs; ++s) total += pages_of(s);
   std::vector<DecodePiece> pieces(total);
-  for (int64_t s = 0; s < st.num_seqs; ++s) {
-    const int32_t len = st.seq_lens[s], ps = st.page_size;
-    for (int32_t j = 0; j < dms::pages_for(len, ps); ++j) {
-      const int64_t page = st.block_row(s)[j];
-      pieces[start[page]++] = {page * ps, static_cast<int32_t>(s), std::min(ps, len - j * ps)};
-    }
+  const auto piece = [&](int64_t s, int32_t j) {
+    const int64_t page = st.block_row(s)[j];
+    return DecodePiece{page * ps, static_cast<int32_t>(s), std::min(ps, st.seq_lens[s] - j * ps)};
+  };
+  if (st.num_pages > 8 * total) {
+    int64_t i = 0;
+    for (int64_t s = 0; s < st.num_seqs; ++s)
+      for (int32_t j = 0; j < pages_of(s); ++j) pieces[i++] = piece(s, j);
+    std::sort(pieces.begin(), pieces.end(), [](const DecodePiece& a, const DecodePiece& b) { return a.row < b.row; });
+    return pieces;
   }
+  std::vector<int64_t> start(st.num_pages + 1, 0);
+  for (int64_t s = 0; s < st.num_seqs; ++s)
+    for (int32_t j = 0; j < pages_of(s); ++j) ++start[st.block_row(s)[j] + 1];
+  for (int64_t p = 0; p < st.num_pages; ++p) start[p + 1] += start[p];
+  for (int64_t s = 0; s < st.num_seqs; ++s)
+    for (int32_t j = 0; j < pages_of(s); ++j) pieces[start[st.block_row(s)[j]]++] = piece(s, j);
   return pieces;
 }
 

@@ -41,12 +41,12 @@ AVAILABLE = [isa for isa, need in NEEDS.items() if isa == "scalar" or (X86 and n
 MISSING = [isa for isa in NEEDS if isa not in AVAILABLE]
 
 
-def _store(gen, S, page_size, max_pages, D, dtype, lens=None):
+def _store(gen, S, page_size, max_pages, D, dtype, lens=None, spare=3):
     """Shuffled distinct pages, random lengths (0 included) unless given; spare pages in the pool."""
     if lens is None:
         lens = torch.randint(0, max_pages * page_size + 1, (S,), generator=gen, dtype=torch.int32)
     lens = torch.as_tensor(lens, dtype=torch.int32)
-    P = S * max_pages + 3
+    P = S * max_pages + spare
     table = torch.full((S, max_pages), -1, dtype=torch.int32)
     ids = torch.randperm(P, generator=gen).int()
     for s, n in enumerate(lens.tolist()):
@@ -87,11 +87,13 @@ def test_forced_isa_matches_reference(isa, dtype, G, S, page_size, max_pages, D,
 @pytest.mark.parametrize("isa", AVAILABLE)
 @pytest.mark.parametrize("lens", [[3000], [2049, 0], [1, 1500, 777]], ids=str)
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_split_and_merge(isa, dtype, lens, threads):
+@pytest.mark.parametrize("spare", [3, 5000], ids=["dense", "sparse"])
+def test_threads_split_and_merge(isa, dtype, lens, threads, spare):
     # One share of the pool per thread: every sequence here has pages in several shares (the
-    # one-slot sequence in one only), and the shares' states are merged.
+    # one-slot sequence in one only), and the shares' states are merged. In the sparse pool the
+    # pages are put in pool order by a comparison sort, not by counting.
     gen = torch.Generator().manual_seed(len(lens))
-    k, v, table, lens = _store(gen, len(lens), 16, 200, 64, dtype, lens)
+    k, v, table, lens = _store(gen, len(lens), 16, 200, 64, dtype, lens, spare)
     q = torch.randn(len(lens), 4, 64, generator=gen).to(dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
