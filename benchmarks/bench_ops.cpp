@@ -9,8 +9,8 @@
 //  (d) the same in a 4 x 1024-token store on one thread (decode-cache): the kernels' compute
 //      rate, in ns of CPU time per token, with the store in cache.
 // Usage: bench_ops [repeats] [compact|step|decode|decode-cache ...]   (default: all; threads:
-// at::get_num_threads(), set OMP_NUM_THREADS to change; THP_MEM_ALLOC_ENABLE=1 makes torch back
-// large tensors with huge pages: cheaper first touch)
+// at::get_num_threads(), set OMP_NUM_THREADS to change; DMS_CPU_ISA=name times that kernel only;
+// THP_MEM_ALLOC_ENABLE=1 makes torch back large tensors with huge pages: cheaper first touch)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -176,12 +176,15 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
   unsetenv("DMS_CPU_ISA");
 }
 
-// The CPU kernels this machine can run: a forced ISA it lacks makes the op raise.
+// The CPU kernels this machine can run (a forced ISA it lacks makes the op raise), or only the
+// one DMS_CPU_ISA names when it is set.
 std::vector<const char*> cpu_isas() {
+  static const std::string only = std::getenv("DMS_CPU_ISA") ? std::getenv("DMS_CPU_ISA") : "";
   const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
   const auto pages = at::zeros({1, 1, 1});
   std::vector<const char*> found;
   for (const char* isa : {"scalar", "avx2", "avx512", "avx512_bf16"}) {
+    if (!only.empty() && only != isa) continue;
     setenv("DMS_CPU_ISA", isa, 1);
     try {
       attention.call(at::zeros({1, 1, 1}), pages, pages, at::zeros({1, 1}, at::kInt), at::zeros({1}, at::kInt), 1.0);

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "decode.h"
@@ -33,7 +34,7 @@ struct V : V512 {
 #include "decode_simd.inc"
 
 // Instantiated here, inside the target region (the table runs only on a CPU with the ISA).
-DecodeKernels table() { return {&decode_span<float>, &decode_span<Fp16>, &decode_span<Bf16>}; }
+DecodeKernels table() { return {&decode_pieces<float>, &decode_pieces<Fp16>, &decode_pieces<Bf16>}; }
 
 }  // namespace
 }  // namespace dms::cpu

@@ -71,7 +71,7 @@ struct V : V512 {
 #include "decode_simd.inc"
 
 // Instantiated here, inside the target region (the table runs only on a CPU with the ISA).
-DecodeFn<Bf16> table() { return &decode_span<Bf16>; }
+DecodeFn<Bf16> table() { return &decode_pieces<Bf16>; }
 
 }  // namespace
 }  // namespace dms::cpu

@@ -22,39 +22,53 @@ inline float to_float(Bf16 x) {
 }
 
 template <typename T>
-void decode_scalar(const PagedStore<const T>& st, const T* q, int64_t G, float scale, DecodeSpan span, float* acc,
-                   float* max, float* sum, float* scratch) {
+void decode_scalar(const PagedStore<const T>& st, const T* q, int64_t G, float scale, const DecodePiece* pieces,
+                   int64_t count, float* acc, float* max, float* sum, float* scratch) {
   const int64_t D = st.head_dim;
-  float* qf = scratch;           // [G, D] scaled query
-  float* scores = qf + G * D;    // [kTile]
-  for (int64_t i = 0; i < G * D; ++i) qf[i] = to_float(q[i]) * scale;
-  std::fill(acc, acc + G * D, 0.f);
-  for (int64_t g = 0; g < G; ++g) max[g] = -INFINITY, sum[g] = 0.f;
-  const int32_t ps = st.page_size;
-  for (int32_t first = span.begin; first < span.end;) {
-    const int32_t n = std::min({kTile, span.end - first, ps - first % ps});
-    const int64_t row = st.row(span.seq, first);
-    const T* k = st.k_row(row);
-    const T* v = st.v_row(row);
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = qf + g * D;
-      for (int32_t t = 0; t < n; ++t) {
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qg[d] * to_float(k[t * D + d]);
-        scores[t] = s;
-      }
-      OnlineSoftmax sm{max[g], sum[g]};
-      const float a = sm.rescale(*std::max_element(scores, scores + n));
-      float* ag = acc + g * D;
-      for (int64_t d = 0; d < D; ++d) ag[d] *= a;
-      for (int32_t t = 0; t < n; ++t) {
-        const float p = sm.weight(scores[t]);
-        for (int64_t d = 0; d < D; ++d) ag[d] += p * to_float(v[t * D + d]);
-      }
-      max[g] = sm.max;
-      sum[g] = sm.sum;
+  float* qf = scratch;         // [G, D] scaled query of the current sequence
+  float* scores = qf + G * D;  // [kTile]
+  const int64_t ahead = prefetch_pieces(D, sizeof(T), st.page_size);
+  int64_t loaded = -1;
+  for (int64_t i = 0; i < count; ++i) {
+    const DecodePiece& piece = pieces[i];
+    if (piece.seq != loaded) {
+      for (int64_t j = 0; j < G * D; ++j) qf[j] = to_float(q[piece.seq * G * D + j]) * scale;
+      loaded = piece.seq;
     }
-    first += n;
+    if (i + ahead < count) {
+      const DecodePiece& later = pieces[i + ahead];
+      const char* nk = reinterpret_cast<const char*>(st.k_row(later.row));
+      const char* nv = reinterpret_cast<const char*>(st.v_row(later.row));
+      for (int64_t b = 0; b < later.n * D * static_cast<int64_t>(sizeof(T)); b += 64) {
+        prefetch_l2(nk + b);
+        prefetch_l2(nv + b);
+      }
+    }
+    for (int32_t first = 0; first < piece.n; first += kTile) {
+      const int32_t n = std::min(kTile, piece.n - first);
+      const T* k = st.k_row(piece.row + first);
+      const T* v = st.v_row(piece.row + first);
+      for (int64_t g = 0; g < G; ++g) {
+        const float* qg = qf + g * D;
+        for (int32_t t = 0; t < n; ++t) {
+          float s = 0.f;
+          for (int64_t d = 0; d < D; ++d) s += qg[d] * to_float(k[t * D + d]);
+          scores[t] = s;
+        }
+        float& mx = max[piece.seq * G + g];
+        float& sm = sum[piece.seq * G + g];
+        OnlineSoftmax online{mx, sm};
+        const float a = online.rescale(*std::max_element(scores, scores + n));
+        float* ag = acc + (piece.seq * G + g) * D;
+        for (int64_t d = 0; d < D; ++d) ag[d] *= a;
+        for (int32_t t = 0; t < n; ++t) {
+          const float p = online.weight(scores[t]);
+          for (int64_t d = 0; d < D; ++d) ag[d] += p * to_float(v[t * D + d]);
+        }
+        mx = online.max;
+        sm = online.sum;
+      }
+    }
   }
 }
 

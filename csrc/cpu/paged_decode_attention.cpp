@@ -1,7 +1,9 @@
-// CPU kernel of dms.paged_decode_attention. Each sequence's live slots are cut into spans
-// (split-KV: several spans per sequence when there are fewer sequences than threads can keep
-// busy); a kernel for the best instruction set (decode.h) leaves each span's partial softmax
-// state, and a merge combines the spans of a sequence and normalises.
+// CPU kernel of dms.paged_decode_attention. The live pages of all sequences are visited in
+// pool order (by page id), not in each sequence's block-table order: pages scattered at random
+// then stream like one array where the pool is dense, instead of costing a fresh DRAM access
+// each. The visit is cut into one share per thread; a kernel for the best instruction set
+// (decode.h) carries each sequence's partial softmax state through a share, and a merge
+// combines the shares of a sequence and normalises.
 //
 // DMS_CPU_ISA (read on every call) forces the kernel: scalar, avx2, avx512, avx512_bf16, or auto
 // (unset, the default: the best one the CPU has). A forced ISA the CPU or the build lacks is an
@@ -87,58 +89,70 @@ DecodeKernels kernels_for(Isa isa) {
   return scalar_kernels();
 }
 
-// Spans: one per sequence, unless that leaves threads idle; then long sequences are cut into
-// spans of at least kMinSpan slots so that every thread gets several.
-constexpr int32_t kMinSpan = 512;
-
-std::vector<DecodeSpan> plan_spans(const int32_t* lens, int64_t S, int32_t page_size) {
-  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-  int32_t longest = 0;
-  for (int64_t s = 0; s < S; ++s) longest = std::max(longest, lens[s]);
-  int64_t span = longest;
-  if (S < want && longest > kMinSpan) {
-    const int64_t splits = (want + S - 1) / S;
-    span = round_up(std::max<int64_t>(kMinSpan, (longest + splits - 1) / splits), page_size);
+// The live part of every page, in pool order: a counting sort by page id, or a comparison sort
+// when the pool is much larger than its live pages (vLLM preallocates it), so that a call costs
+// no pass over the whole pool.
+template <typename DType>
+std::vector<DecodePiece> pieces_in_pool_order(const dms::PagedStore<DType>& st) {
+  const int32_t ps = st.page_size;
+  const auto pages_of = [&](int64_t s) { return dms::pages_for(st.seq_lens[s], ps); };
+  int64_t total = 0;
+  for (int64_t s = 0; s < st.num_seqs; ++s) total += pages_of(s);
+  std::vector<DecodePiece> pieces(total);
+  const auto piece = [&](int64_t s, int32_t j) {
+    const int64_t page = st.block_row(s)[j];
+    return DecodePiece{page * ps, static_cast<int32_t>(s), std::min(ps, st.seq_lens[s] - j * ps)};
+  };
+  if (st.num_pages > 8 * total) {
+    int64_t i = 0;
+    for (int64_t s = 0; s < st.num_seqs; ++s)
+      for (int32_t j = 0; j < pages_of(s); ++j) pieces[i++] = piece(s, j);
+    std::sort(pieces.begin(), pieces.end(), [](const DecodePiece& a, const DecodePiece& b) { return a.row < b.row; });
+    return pieces;
   }
-  std::vector<DecodeSpan> spans;
-  for (int64_t s = 0; s < S; ++s) {
-    int32_t begin = 0;
-    do {
-      const int32_t end = static_cast<int32_t>(std::min<int64_t>(lens[s], begin + std::max<int64_t>(span, 1)));
-      spans.push_back({s, begin, end});
-      begin = end;
-    } while (begin < lens[s]);
-  }
-  return spans;
+  std::vector<int64_t> start(st.num_pages + 1, 0);
+  for (int64_t s = 0; s < st.num_seqs; ++s)
+    for (int32_t j = 0; j < pages_of(s); ++j) ++start[st.block_row(s)[j] + 1];
+  for (int64_t p = 0; p < st.num_pages; ++p) start[p + 1] += start[p];
+  for (int64_t s = 0; s < st.num_seqs; ++s)
+    for (int32_t j = 0; j < pages_of(s); ++j) pieces[start[st.block_row(s)[j]]++] = piece(s, j);
+  return pieces;
 }
 
 template <typename T, typename Out>
 void decode(DecodeFn<T> kernel, const dms::PagedStore<const T>& st, const T* q, int64_t G, float scale, Out* out) {
   const int64_t S = st.num_seqs, D = st.head_dim;
-  const auto spans = plan_spans(st.seq_lens, S, st.page_size);
-  const int64_t n = static_cast<int64_t>(spans.size());
-  std::vector<float> acc(n * G * D), max(n * G), sum(n * G);
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  const auto pieces = pieces_in_pool_order(st);
+  const int64_t count = static_cast<int64_t>(pieces.size());
+  // One share of the pieces per thread, each with its own state for every sequence: fewer when
+  // a share would read less than 8 times its state's bytes of K and V (the states are zeroed,
+  // written and merged, so they must stay small next to the pages).
+  const int64_t kv_bytes = count * st.page_size * D * 2 * static_cast<int64_t>(sizeof(T));
+  const int64_t state_bytes = S * G * (D + 2) * static_cast<int64_t>(sizeof(float));
+  const int64_t worth = kv_bytes / std::max<int64_t>(1, 8 * state_bytes);
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), worth));
+  std::vector<float> acc(shares * S * G * D, 0.f), max(shares * S * G, -INFINITY), sum(shares * S * G, 0.f);
+  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scratch(decode_scratch_floats(G, D));
-    for (int64_t i = begin; i < end; ++i)
-      kernel(st, q + spans[i].seq * G * D, G, scale, spans[i], acc.data() + i * G * D, max.data() + i * G,
-             sum.data() + i * G, scratch.data());
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t first = count * i / shares, last = count * (i + 1) / shares;
+      kernel(st, q, G, scale, pieces.data() + first, last - first, acc.data() + i * S * G * D,
+             max.data() + i * S * G, sum.data() + i * S * G, scratch.data());
+    }
   });
-  // Spans of a sequence are adjacent in `spans`.
-  std::vector<int64_t> first(S + 1, n);
-  for (int64_t i = n - 1; i >= 0; --i) first[spans[i].seq] = i;
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> total(D);
     for (int64_t s = begin; s < end; ++s) {
       for (int64_t g = 0; g < G; ++g) {
+        const auto state = [&](int64_t i) { return (i * S + s) * G + g; };  // of share i
         float m = -INFINITY, l = 0.f;
-        for (int64_t i = first[s]; i < first[s + 1]; ++i) m = std::max(m, max[i * G + g]);
+        for (int64_t i = 0; i < shares; ++i) m = std::max(m, max[state(i)]);
         std::fill(total.begin(), total.end(), 0.f);
-        for (int64_t i = first[s]; i < first[s + 1]; ++i) {
-          if (max[i * G + g] == -INFINITY) continue;  // an empty span
-          const float w = std::exp(max[i * G + g] - m);
-          l += w * sum[i * G + g];
-          const float* a = acc.data() + (i * G + g) * D;
+        for (int64_t i = 0; i < shares; ++i) {
+          if (max[state(i)] == -INFINITY) continue;  // no slot of s in this share
+          const float w = std::exp(max[state(i)] - m);
+          l += w * sum[state(i)];
+          const float* a = acc.data() + state(i) * D;
           for (int64_t d = 0; d < D; ++d) total[d] += w * a[d];
         }
         const float inv = l > 0.f ? 1.f / l : 0.f;  // 0 for an empty sequence: zeros out

@@ -1,7 +1,8 @@
 """Every CPU kernel of paged_decode_attention this machine can run, forced one at a time with
 DMS_CPU_ISA (read by the op on every call), equals dms/reference.py for fp32, fp16 and bf16,
-G = 1, 2, 4, 8, random shapes, shuffled pages and empty sequences; long sequences are split
-across spans (split-KV) and merged. A forced kernel the CPU lacks, or an unknown name, raises."""
+G = 1, 2, 4, 8, random shapes, shuffled pages and empty sequences; with several threads the
+pages (visited in pool order) are split between them and each sequence's shares merged. A forced
+kernel the CPU lacks, or an unknown name, raises."""
 import platform
 
 import pytest
@@ -40,12 +41,12 @@ AVAILABLE = [isa for isa, need in NEEDS.items() if isa == "scalar" or (X86 and n
 MISSING = [isa for isa in NEEDS if isa not in AVAILABLE]
 
 
-def _store(gen, S, page_size, max_pages, D, dtype, lens=None):
+def _store(gen, S, page_size, max_pages, D, dtype, lens=None, spare=3):
     """Shuffled distinct pages, random lengths (0 included) unless given; spare pages in the pool."""
     if lens is None:
         lens = torch.randint(0, max_pages * page_size + 1, (S,), generator=gen, dtype=torch.int32)
     lens = torch.as_tensor(lens, dtype=torch.int32)
-    P = S * max_pages + 3
+    P = S * max_pages + spare
     table = torch.full((S, max_pages), -1, dtype=torch.int32)
     ids = torch.randperm(P, generator=gen).int()
     for s, n in enumerate(lens.tolist()):
@@ -85,12 +86,21 @@ def test_forced_isa_matches_reference(isa, dtype, G, S, page_size, max_pages, D,
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("isa", AVAILABLE)
 @pytest.mark.parametrize("lens", [[3000], [2049, 0], [1, 1500, 777]], ids=str)
-def test_long_sequences_split_and_merge(isa, dtype, lens):
-    # Fewer sequences than 4 x threads: every sequence over 512 slots is cut into spans.
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("spare", [3, 5000], ids=["dense", "sparse"])
+def test_threads_split_and_merge(isa, dtype, lens, threads, spare):
+    # One share of the pool per thread: every sequence here has pages in several shares (the
+    # one-slot sequence in one only), and the shares' states are merged. In the sparse pool the
+    # pages are put in pool order by a comparison sort, not by counting.
     gen = torch.Generator().manual_seed(len(lens))
-    k, v, table, lens = _store(gen, len(lens), 16, 200, 64, dtype, lens)
+    k, v, table, lens = _store(gen, len(lens), 16, 200, 64, dtype, lens, spare)
     q = torch.randn(len(lens), 4, 64, generator=gen).to(dtype)
-    _check(isa, q, k, v, table, lens, 0.125)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check(isa, q, k, v, table, lens, 0.125)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
