@@ -2,8 +2,9 @@
 registered with vLLM (its KV cache spec, backend and metadata), and the computation on the
 store through ``torch.ops.dms``.
 
-Per layer and step: every prefill chunk attends the live slots of its rows (read before the
-step's append) plus its own tokens with DMS visibility (docs/design.md §1); then one
+Per layer and step: the step's prefill chunks, padded to one length, attend the live slots of
+their rows (read before the step's append) plus their own tokens with DMS visibility
+(docs/design.md §1) in one SDPA call; then one
 ``dms.append`` call feeds the step's tokens of every request; then one
 ``paged_decode_attention`` call serves every request that decodes one token.
 """
@@ -221,10 +222,12 @@ class DMSAttention(nn.Module, AttentionLayerBase):
             return torch.zeros_like(q)
         store = self.store
         out = torch.zeros_like(q)
-        for i in plan.prefill:  # each chunk reads the store before this step's append
-            a, b = plan.query_start[i], plan.query_start[i + 1]
-            rows = store.rows(plan.slots[i: i + 1])
-            out[a:b] = self._prefill(store, rows, q[a:b], k[a:b], v[a:b], decisions[a:b], plan.num_computed[i])
+        if plan.prefill:  # the chunks read the store before this step's append
+            p = torch.tensor(plan.prefill, dtype=torch.long, device=q.device)
+            g, ok = plan.gather[p], plan.valid[p]
+            n0 = torch.tensor([plan.num_computed[i] for i in plan.prefill], dtype=torch.long, device=q.device)
+            o = self._prefill(store, store.rows(plan.slots[p]), q[g], k[g], v[g], decisions[g] & ok[..., None], ok, n0)
+            out[g[ok]] = o[ok]
         rows = store.rows(plan.slots)
         g = plan.gather
         kp = k[g].transpose(1, 2).reshape(-1, g.shape[1], D)  # [R*H, T, D]
@@ -238,26 +241,29 @@ class DMSAttention(nn.Module, AttentionLayerBase):
             out[plan.decode_tokens] = od.reshape(-1, Hq, D)
         return out
 
-    def _prefill(self, store: LayerStore, rows, q, k, v, decisions, n0: int) -> torch.Tensor:
-        """One request's chunk of T tokens (indices n0 .. n0+T-1) over its live slots and itself."""
-        T, Hq, D = q.shape
+    def _prefill(self, store: LayerStore, rows, q, k, v, decisions, ok, n0) -> torch.Tensor:
+        """The step's prefill chunks in one SDPA call: P requests' chunks padded to T tokens
+        (q [P, T, Hq, D], k/v [P, T, H, D], decisions [P, T, H] False on pads, ok bool [P, T]),
+        chunk p holding token indices n0[p] .. over its rows' live slots and itself.
+        Pads come after each chunk's tokens, so no real query sees them (causal)."""
+        P, T, Hq, D = q.shape
         H = self.num_kv_heads
-        keys, values, last, newest, _ = store.live_view(rows)  # [H, L, D], last [H, L]
-        dec = decisions.T  # [H, T]
-        idx = n0 + torch.arange(T, device=q.device)
-        # Flag of token t = decision of token t + 1; the chunk's last token is not flagged yet.
+        keys, values, last, newest, _ = store.live_view(rows)  # [P*H, L, D], last [P*H, L]
+        dec = decisions.permute(0, 2, 1).reshape(P * H, T)
+        idx = (n0[:, None] + torch.arange(T, device=q.device)).repeat_interleave(H, dim=0)  # [P*H, T]
+        # Flag of token t = decision of token t + 1; a chunk's last token is not flagged yet.
         flag = torch.cat([dec[:, 1:], torch.zeros_like(dec[:, :1])], dim=1)
-        last_new = last_query(idx[None, :].expand(H, T), flag, self.window)
+        last_new = last_query(idx, flag, self.window).masked_fill(~ok.repeat_interleave(H, dim=0), -1)
         if keys.shape[1]:
-            # The newest stored token is flagged by the chunk's first decision.
-            has = dec[:, 0] & (newest >= 0)
-            h = torch.nonzero(has).flatten()
-            last[h, newest[h]] = last_query(torch.tensor(n0 - 1), torch.tensor(True), self.window)
-        ks = torch.cat([keys, k.transpose(0, 1)], dim=1)[:, None]  # [H, 1, L+T, D]
-        vs = torch.cat([values, v.transpose(0, 1)], dim=1)[:, None]
-        lq = torch.cat([last, last_new], dim=1)  # [H, L+T]
-        kidx = torch.cat([torch.full_like(last, -1), idx[None, :].expand(H, T)], dim=1)
-        allowed = visible(kidx[:, None, :], lq[:, None, :], idx[None, :, None])  # [H, T, L+T]
-        qs = q.reshape(T, H, Hq // H, D).permute(1, 2, 0, 3)  # [H, G, T, D]
+            # The newest stored token of a row is flagged by its chunk's first decision.
+            h = torch.nonzero(dec[:, 0] & (newest >= 0)).flatten()
+            last[h, newest[h]] = last_query(idx[h, 0] - 1, torch.ones_like(h, dtype=torch.bool), self.window)
+        ks = torch.cat([keys, k.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)[:, None]  # [P*H, 1, L+T, D]
+        vs = torch.cat([values, v.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)[:, None]
+        lq = torch.cat([last, last_new], dim=1)  # [P*H, L+T]
+        kidx = torch.cat([torch.full_like(last, -1), idx], dim=1)
+        allowed = visible(kidx[:, None, :], lq[:, None, :], idx[:, :, None])  # [P*H, T, L+T]
+        G = Hq // H
+        qs = q.reshape(P, T, H, G, D).permute(0, 2, 3, 1, 4).reshape(P * H, G, T, D)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=allowed[:, None], scale=self.scale, enable_gqa=True)
-        return o.permute(2, 0, 1, 3).reshape(T, Hq, D)
+        return o.reshape(P, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(P, T, Hq, D)

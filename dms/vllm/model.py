@@ -173,7 +173,7 @@ class DMSForCausalLM(nn.Module):
             q = self._zero_neuron(q)  # RoPE mixed the zeroed dimension with its pair: zero it again
         decisions = (logits > 0) & (not cfg.dms_disable_eviction)
         out = attn(q[0].transpose(0, 1), k[0].transpose(0, 1), v, decisions.contiguous(), plan)
-        return mod.o_proj(out.reshape(1, N, -1))
+        return gemm.o(out.reshape(1, N, -1))
 
     def _zero_neuron(self, q):
         keep = torch.ones(q.shape[1], q.shape[-1], dtype=q.dtype, device=q.device)
@@ -214,7 +214,7 @@ class DMSForCausalLM(nn.Module):
         """One GEMM for q/k/v and one for gate/up per layer, through vLLM's GEMM for the platform
         (on CPU oneDNN with packed weights, as vLLM's own models): a decode step is a few small
         matrix products per layer, so per-call cost decides its time. The transformers modules'
-        q/k/v and MLP weights are dropped once copied into the fused ones."""
+        projection and MLP weights are dropped once copied into the fused ones."""
         gemms = nn.ModuleList()
         for layer in self.model.layers:
             a, m = layer.self_attn, layer.mlp
@@ -223,8 +223,8 @@ class DMSForCausalLM(nn.Module):
             g = nn.Module()
             g.qkv = Gemm.cat([a.q_proj, a.k_proj, a.v_proj])
             g.qkv_sizes = [a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features]
-            g.gate_up, g.down = Gemm.cat([m.gate_proj, m.up_proj]), Gemm.cat([m.down_proj])
-            for lin in (a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj, m.down_proj):
+            g.o, g.gate_up, g.down = Gemm.cat([a.o_proj]), Gemm.cat([m.gate_proj, m.up_proj]), Gemm.cat([m.down_proj])
+            for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj):
                 lin.weight.data = lin.weight.data.new_empty(0)
             gemms.append(g)
         self.gemms = gemms
