@@ -50,21 +50,25 @@ def run(model_dir: Path, ids: list[list[int]], new_tokens: int, args) -> dict:
     core = engine.engine_core.engine_core
     model = core.model_executor.driver_worker.worker.model_runner.model
     sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    preempted = []
+    preempted, decode_only = [], []
     schedule = core.scheduler.schedule
 
     def counting_schedule(*args, **kwargs):
         out = schedule(*args, **kwargs)
         preempted.extend(out.preempted_req_ids or ())
+        n = out.num_scheduled_tokens
+        decode_only.append((len(n), bool(n) and all(t == 1 for t in n.values())))
         return out
 
     core.scheduler.schedule = counting_schedule
     t0 = time.perf_counter()
     for n, i in enumerate(ids):
         engine.add_request(str(n), {"prompt_token_ids": i}, sp)
-    latency, running, held = {}, [], []
+    latency, running, held, step_s = {}, [], [], []
     while engine.has_unfinished_requests():
+        a = time.perf_counter()
         outs = engine.step()
+        step_s.append(time.perf_counter() - a)
         running.append(len(core.scheduler.running))
         held.append(kv_held(core, model))
         now = time.perf_counter() - t0
@@ -73,12 +77,18 @@ def run(model_dir: Path, ids: list[list[int]], new_tokens: int, args) -> dict:
                 latency[out.request_id] = now
     wall = time.perf_counter() - t0
     lat = sorted(latency.values())
+    # Steps where every scheduled request decodes one token: their share of the time, and
+    # their time per sequence (what a larger batch must make cheaper for tokens/s to follow).
+    dec = [(t, n) for t, (n, only) in zip(step_s, decode_only) if only]
     result = dict(model=model_dir.name, requests=len(ids), wall_s=round(wall, 2),
                   generated_tokens_per_s=round(len(ids) * new_tokens / wall, 1),
                   peak_running=max(running), mean_running=round(sum(running) / len(running), 1),
                   latency_mean_s=round(sum(lat) / len(lat), 2), latency_p99_s=round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 2),
                   kv_bytes_peak=max(held), kv_bytes_mean=int(sum(held) / len(held)),
-                  preemptions=len(preempted), kv_budget_bytes=args.kv_bytes)
+                  preemptions=len(preempted), kv_budget_bytes=args.kv_bytes,
+                  decode_time_share=round(sum(t for t, _ in dec) / wall, 3),
+                  decode_ms_per_step=round(1e3 * sum(t for t, _ in dec) / max(1, len(dec)), 2),
+                  decode_ms_per_seq=round(1e3 * sum(t for t, _ in dec) / max(1, sum(n for _, n in dec)), 3))
     del llm, engine, core, model
     gc.collect()
     return result
