@@ -45,7 +45,8 @@ def run(model_dir: Path, ids: list[list[int]], new_tokens: int, args) -> dict:
 
     llm = LLM(model=str(model_dir), dtype="float32", max_model_len=args.max_model_len, enforce_eager=True,
               kv_cache_memory_bytes=args.kv_bytes, max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False, seed=0)
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False, seed=0,
+              **({"block_size": args.block_size} if args.block_size else {}))
     engine = llm.llm_engine
     core = engine.engine_core.engine_core
     model = core.model_executor.driver_worker.worker.model_runner.model
@@ -103,6 +104,7 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-num-batched-tokens", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--block-size", type=int, help="KV block size of both sides (default: vLLM's, 128 on CPU)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
     import torch
