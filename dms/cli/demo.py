@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description, p.formatter_class = __doc__, argparse.RawDescriptionHelpFormatter
     p.add_argument("--model-dir", type=Path, default=None,
                    help=f"folder holding base/, dms-4x/, dms-8x/ (default: the shipped {default_model_dir()})")
-    # 512 = the longest prompts the base was trained on; at 256 the always-kept 16-token window
+    # 512 = the longest prompts the base was trained on; at 256 the always-kept window
     # is a large share of an 8x budget (BENCHMARKS.md has both lengths).
     add_common(p, samples=32, length=512, out="dms-demo")
 

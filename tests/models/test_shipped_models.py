@@ -21,20 +21,20 @@ ASSETS = default_model_dir()
 LENGTH = 512  # prompt tokens, as dms demo
 N_CI, N_REF = 8, 32  # samples per task: this test's, and the measurement it is held to
 
-# Measured 2026-12-01 at commit a37710a (torch 2.14.1, transformers 5.24, 1 thread): dms.eval.runner
-# on its default held-out seeds, 32 samples per task at 512 prompt tokens, each sample generated
-# on its own; mean over the 7 tasks of the per-task mean accuracy / compression ratio. "sd": the
-# per-task standard deviations across the 32 samples, from which the standard error of this test's
-# estimate follows (stratified by task; 8 of the 32 drawn without replacement):
+# Measured by scripts/measure_shipped_reference.py (torch 2.14.1, transformers 5.24, 1 thread):
+# dms.eval.runner on its default held-out seeds, 32 samples per task at 512 prompt tokens, each
+# sample generated on its own; mean over the 7 tasks of the per-task mean accuracy / compression
+# ratio. "sd": the per-task standard deviations across the 32 samples, from which the standard
+# error of this test's estimate follows (stratified by task; 8 of the 32 drawn without replacement):
 #   SE^2 = sum_task sd^2 / 8 * (32 - 8) / (32 - 1) / 7^2.
 # The test runs each task's 8 samples as one batch of 8 (as dms demo batches), whose CR is
-# tokens seen / retained summed over the batch: on these samples it read 5.230 and 11.208,
-# against per-sample means of 5.243 and 11.268, a bias far below the tolerance of 3 SE.
-# Measured on the 8 samples: accuracy 0.960 / 0.917 / 0.884, CR 1 / 5.230 / 11.208.
+# tokens seen / retained summed over the batch; the script prints that too (4x: 5.230 against a
+# per-sample 5.243; 8x: 7.610 against 7.622), a bias far below the tolerance of 3 SE.
+# base and 4x measured at commit a37710a; 8x (the window-32 retrofit) at the commit that shipped it.
 REFERENCE = {  # model: (accuracy, per-task accuracy sd, compression ratio, per-task CR sd)
     "base": (0.9576, (0.000, 0.242, 0.097, 0.081, 0.182, 0.242, 0.174), 1.0, (0.0,) * 7),
     4: (0.9360, (0.000, 0.174, 0.110, 0.138, 0.000, 0.245, 0.413), 5.218, (0.36, 0.12, 0.22, 0.19, 0.11, 0.48, 0.12)),
-    8: (0.9029, (0.000, 0.174, 0.121, 0.110, 0.174, 0.260, 0.484), 11.239, (0.64, 0.84, 1.01, 0.84, 0.52, 0.61, 0.38)),
+    8: (0.9464, (0.000, 0.174, 0.147, 0.097, 0.174, 0.200, 0.363), 7.622, (0.27, 0.18, 0.23, 0.22, 0.17, 0.16, 0.09)),
 }
 
 
