@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--cwe-ratio", type=int, default=8,
                    help="how many times as often a common cwe word occurs as an uncommon one in training data "
                         "(evaluation keeps the task's 8); a larger ratio is an easier start")
+    p.add_argument("--arith-terms", default="4",
+                   help="terms of arith_trace's training samples: N, or LO-HI drawn uniformly per sample (a range "
+                        "of difficulty; the periodic eval then reports arith_trace/N@length per terms value)")
     p.add_argument("--min-len", type=int, default=64, help="shortest prompt length sampled (tokens)")
     p.add_argument("--task-min-len", default="",
                    help="task=tokens,...: a task's samples are at least this long (raised from the batch length)")
@@ -106,6 +109,18 @@ def parse_mix(text: str) -> dict[str, float]:
     return mix
 
 
+def parse_terms(text: str) -> tuple[int, int]:
+    """"N" or "LO-HI" -> (lo, hi), for --arith-terms."""
+    lo, dash, hi = text.partition("-")
+    try:
+        lo, hi = int(lo), int(hi if dash else lo)
+    except ValueError:
+        raise SystemExit(f"--arith-terms: expected N or LO-HI (integers), got {text!r}") from None
+    if not 2 <= lo <= hi:
+        raise SystemExit(f"--arith-terms: need 2 <= LO <= HI, got {text!r}")
+    return lo, hi
+
+
 def shuffled(sample: Sample, rng: random.Random) -> Sample:
     """The sample with its answers in a random order. For a set-valued answer the score ignores
     order, and a fixed order the model cannot compute (cwe lists the common words by first
@@ -137,6 +152,9 @@ class Data:
         if not self.shuffle <= set(TASKS):
             raise ValueError(f"--shuffle-answers: unknown tasks {sorted(self.shuffle - set(TASKS))}")
         self.options = {"cwe": {"uncommon": args.cwe_uncommon, "ratio": args.cwe_ratio}}
+        self.terms = parse_terms(args.arith_terms)
+        if self.terms != (4, 4):  # 4 is arith_trace's default: left implicit, today's samples stay as they were
+            self.options["arith_trace"] = {"terms": self.terms[1]}  # the most terms need the longest prompt
         self.min_lens = {t: min_length(t, **self.options.get(t, {})) for t in {*self.mix, "copy_list"}}
         for t, n in parse_task_values(args.task_min_len, "--task-min-len", None).items():
             self.min_lens[t] = max(self.min_lens.get(t, 0), int(n))
@@ -173,8 +191,10 @@ class Data:
         samples = []
         for _ in range(rows):
             task = rng.choices(names, weights)[0]
-            sample = generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31),
-                              **self.options.get(task, {}))
+            options = self.options.get(task, {})
+            if task == "arith_trace" and self.terms[0] < self.terms[1]:  # a fixed count draws nothing
+                options = {"terms": rng.randint(*self.terms)}
+            sample = generate(task, max(length, self.min_lens[task]), rng.randrange(2 ** 31), **options)
             samples.append(shuffled(sample, rng) if task in self.shuffle else sample)
         return self.encode(samples)
 
@@ -212,8 +232,21 @@ def greedy_score(model, data: Data, samples: list[Sample]) -> float:
     return round(sum(score(s.task, t, s) for t, s in zip(texts, samples)) / len(samples), 3)
 
 
-def eval_samples(task: str, length: int, args) -> list[Sample]:
-    return [generate(task, length, EVAL_SEED + i) for i in range(args.eval_samples)]
+def eval_samples(task: str, length: int, args, **options) -> list[Sample]:
+    return [generate(task, length, EVAL_SEED + i, **options) for i in range(args.eval_samples)]
+
+
+def eval_sets(data: Data, length: int):
+    """(name, task, options) of each evaluated sample set at this length: a task of the mix with
+    the task's own options (cwe's training ratio is not evaluated), and with --arith-terms other
+    than 4, arith_trace once per terms value as arith_trace/N."""
+    for task in data.mix:
+        if task == "arith_trace" and data.terms != (4, 4):
+            for n in range(data.terms[0], data.terms[1] + 1):
+                if length >= min_length(task, terms=n):
+                    yield f"{task}/{n}", task, {"terms": n}
+        elif length >= data.min_lens[task]:
+            yield task, task, {}
 
 
 @torch.no_grad()
@@ -224,18 +257,16 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
     model.eval()
     out = {}
     for length in (int(x) for x in args.eval_lengths.split(",")):
-        for task in data.mix:
-            if length < data.min_lens[task]:
-                continue
-            samples = eval_samples(task, length, args)
+        for name, task, options in eval_sets(data, length):
+            samples = eval_samples(task, length, args, **options)
             if task in data.shuffle:
-                out[f"{task}@{length}"] = greedy_score(model, data, samples)
+                out[f"{name}@{length}"] = greedy_score(model, data, samples)
                 continue
             ids, _, target = data.encode(samples)
             pred = model(input_ids=ids).logits[:, :-1].argmax(-1)
             hit, t = pred == ids[:, 1:], target[:, 1:]
-            out[f"{task}@{length}"] = round((hit | ~t).all(dim=1).float().mean().item(), 3)
-            out[f"{task}@{length}:tok"] = round(hit[t].float().mean().item(), 3)
+            out[f"{name}@{length}"] = round((hit | ~t).all(dim=1).float().mean().item(), 3)
+            out[f"{name}@{length}:tok"] = round(hit[t].float().mean().item(), 3)
     model.train()
     return out
 
@@ -244,9 +275,9 @@ def evaluate(model, data: Data, args) -> dict[str, float]:
 def generation_eval(model, data: Data, args) -> dict[str, float]:
     """Greedy generation scored with dms.tasks.score, per task@length."""
     model.eval()
-    out = {f"{task}@{length}": greedy_score(model, data, eval_samples(task, length, args))
+    out = {f"{name}@{length}": greedy_score(model, data, eval_samples(task, length, args, **options))
            for length in (int(x) for x in args.eval_lengths.split(","))
-           for task in data.mix if length >= data.min_lens[task]}
+           for name, task, options in eval_sets(data, length)}
     model.train()
     return out
 
