@@ -26,6 +26,12 @@ from dms.vllm.store import LayerStore, PagePool
 
 
 
+def store_page_size(block_size: int) -> int:
+    """Tokens per store page: 16 (small pages keep the rounding of each (request, layer, head)
+    row small), or the largest divisor of vLLM's block size below it."""
+    return next(p for p in (16, 8, 4, 2, 1) if block_size % p == 0)
+
+
 @dataclass
 class DMSMetadata:
     keys: list[int]  # first block id of each request: its identity (dms.vllm.kv)
@@ -78,7 +84,7 @@ class DMSBackend(AttentionBackend):
 
     @staticmethod
     def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
-        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+        return (num_blocks, num_kv_heads, store_page_size(block_size), 2 * head_size)  # DMSAttentionSpec
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
@@ -148,10 +154,12 @@ class SlotTable:
 
     def report(self, plan: StepPlan, meta: DMSMetadata, stores: list[LayerStore]) -> None:
         """Tell the scheduler-side manager what the store holds for each request now."""
-        pages = torch.stack([s.pages_per_slot() for s in stores]).sum(0)[plan.slots].tolist()
+        held = torch.stack([torch.stack([s.pages_per_slot(), s.full_rows_per_slot()]) for s in stores]).sum(0)
+        pages, full = held[:, plan.slots].tolist()
         qs = meta.query_start
         for i, key in enumerate(meta.keys):
-            USAGE.by_key[key] = Usage(tokens=meta.num_computed[i] + qs[i + 1] - qs[i], pages=pages[i])
+            USAGE.by_key[key] = Usage(tokens=meta.num_computed[i] + qs[i + 1] - qs[i], pages=pages[i],
+                                      full_rows=full[i])
 
 
 def build_stores(layers: list["DMSAttention"], slots: int, max_tokens: int, page_size: int) -> None:
@@ -204,9 +212,9 @@ class DMSAttention(nn.Module, AttentionLayerBase):
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> DMSAttentionSpec:
         register_spec()
         block_size = vllm_config.cache_config.block_size
-        page = next(p for p in (16, 8, 4, 2, 1) if block_size % p == 0)
         return DMSAttentionSpec(block_size=block_size, num_kv_heads=self.num_kv_heads, head_size=self.head_size,
-                                dtype=self.dtype, dms_page_size=page, dms_num_layers=self.num_layers)
+                                dtype=self.dtype, dms_page_size=store_page_size(block_size),
+                                dms_num_layers=self.num_layers)
 
     def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
         self.kv_cache = kv_cache  # the model lays the layers' memory out as one shared pool

@@ -3,28 +3,37 @@
 vLLM's blocks belong to a request and are addressed by position, shared by every layer and
 head, so per-head eviction cannot free them. The plugin keeps its own paged store
 (dms.vllm.store) in the memory vLLM allocated for the layers and uses vLLM's block pool only
-as the budget: one block of ``DMSAttentionSpec`` costs what one full-attention block costs
-(``block_size`` tokens x KV heads x layers, K and V) and stands for the same bytes of store
-pages (``dms_page_size`` tokens each) in the pool all layers share.
+as the budget. One block of ``DMSAttentionSpec`` is the size of one store page
+(``dms_page_size`` tokens) in each (layer, KV head) row, so vLLM sizes the pool in units the
+store can fill one page per row at a time: vLLM's ``block_size`` (128 tokens on CPU) would
+round every request up to 128 tokens per row.
 
-``DMSManager`` gives a request enough real blocks for the pages its store rows hold, plus,
-before a step, room for the step's new tokens in the worst case (every new token retained in
-every row: ``ceil(T / dms_page_size)`` more pages per row), never more than a dense request
-would hold. After each step the store reports what it really holds on ``USAGE`` and the
-manager returns the excess blocks to the pool (replaced by the null block, as the
-sliding-window manager does), so the scheduler admits requests against the retained KV.
+``DMSManager`` gives a request enough blocks for the pages its store rows hold, plus, before a
+step, room for the step's new tokens in the worst case (every new token retained: a row whose
+last page is full needs ``ceil(T / page_size)`` more pages, another ``ceil((T - 1) /
+page_size)``), never more than a dense request would hold. After each step the store reports
+what it really holds on ``USAGE`` and the manager returns the excess blocks to the pool, so
+the scheduler admits requests against the retained KV. The blocks are a count, not a
+position map: the worker is only ever told a request's first block (its identity below).
 Since the budgets never exceed the pool, the store's free list cannot run dry; when a budget
 cannot be met, vLLM preempts and recomputes as it does for full attention.
 
+Admission (``apply_admission_cap``, vLLM's full-sequence gate for a waiting request) also
+looks ahead: a request is admitted only if the pages of the running requests and its own,
+each projected to grow at its retention rate until its last token (prompt + ``max_tokens``),
+fit the pool at every future step (``Projection``). Otherwise requests admitted on the pages
+of the moment are preempted a few hundred tokens later, when they all have grown.
+
 ``USAGE`` is a process-wide board keyed by the id of a request's first block (the only
-block never returned early, and the only request identity the worker's attention sees).
-It works because vLLM's single-worker executor runs the scheduler and the model runner in
-one process (the engine core); the plugin refuses tensor or pipeline parallelism for that
-reason (docs/vllm.md says what vLLM would need for it).
+request identity the worker's attention sees). It works because vLLM's single-worker
+executor runs the scheduler and the model runner in one process (the engine core); the
+plugin refuses tensor or pipeline parallelism for that reason (docs/vllm.md says what vLLM
+would need for it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
@@ -34,14 +43,15 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 class Usage:
     tokens: int = 0  # tokens the store has taken for the request
     pages: int = 0  # store pages held (all layers and KV heads)
+    full_rows: int = 0  # rows whose last page is full (or that hold no page): the next token may pop one
 
 
+@dataclass
 class UsageBoard:
     """Shared by the scheduler-side manager and the worker-side store (one process)."""
 
-    def __init__(self) -> None:
-        self.by_key: dict[int, Usage] = {}
-        self.released: list[int] = []  # keys whose store rows the worker must free
+    by_key: dict[int, Usage] = field(default_factory=dict)
+    released: list[int] = field(default_factory=list)  # keys whose store rows the worker must free
 
     def reset(self) -> None:
         self.by_key.clear()
@@ -53,13 +63,17 @@ USAGE = UsageBoard()
 
 @dataclass(frozen=True, kw_only=True)
 class DMSAttentionSpec(FullAttentionSpec):
-    """Full-attention sizing (a request may keep every token in the worst case); the manager
-    differs. ``dms_page_size`` tokens per store page (a divisor of block_size: small pages keep
-    the rounding of each (request, layer, head) row small); ``dms_num_layers`` layers share
-    the store's pool."""
+    """One block = one ``dms_page_size``-token store page per KV head of a layer (module
+    docstring); ``block_size`` stays vLLM's, the unit of positions in its block tables.
+    ``dms_num_layers`` layers share the store's pool."""
 
     dms_page_size: int = 16
     dms_num_layers: int = 1
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dms_page_size < 1 or self.block_size % self.dms_page_size:
+            raise ValueError(f"dms_page_size must divide block_size {self.block_size}, got {self.dms_page_size}")
 
     @classmethod
     def merge(cls, specs: list["DMSAttentionSpec"]) -> "DMSAttentionSpec":
@@ -69,14 +83,28 @@ class DMSAttentionSpec(FullAttentionSpec):
             raise ValueError(f"DMS layers of one model must share one KV cache spec, got {set(specs)}")
         return specs[0]
 
+    def get_num_kernel_states(self, kernel_block_size: int) -> int:
+        """Token slots per head in one block (vLLM sizes a block as heads x slots x K and V)."""
+        return kernel_block_size * self.dms_page_size // self.block_size
+
+    @property
+    def prefix_cacheable(self) -> bool:
+        return False  # evicted tokens are gone (prefix caching is refused at start-up)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        """A request may retain every token: dense, one block per page of each row."""
+        return cdiv(vllm_config.model_config.max_model_len, self.dms_page_size) * self.page_size_bytes
+
     @property
     def dms_pages_per_block(self) -> int:
-        """Store pages one block of the budget stands for (every layer, every KV head)."""
-        return self.num_kv_heads * (self.block_size // self.dms_page_size) * self.dms_num_layers
+        """Store pages one block of the budget stands for (one per layer and KV head)."""
+        return self.num_kv_heads * self.dms_num_layers
 
 
 class DMSManager(FullAttentionManager):
-    """Budgets the pages the DMS store holds (module docstring)."""
+    """Budgets the pages the DMS store holds (module docstring). ``req_to_blocks``, which vLLM
+    hands to the worker, holds only a request's first block; the rest of its budget is in
+    ``held``."""
 
     def __init__(self, kv_cache_spec: DMSAttentionSpec, **kwargs) -> None:
         super().__init__(kv_cache_spec, **kwargs)
@@ -84,75 +112,68 @@ class DMSManager(FullAttentionManager):
         self.rows = kv_cache_spec.num_kv_heads * kv_cache_spec.dms_num_layers  # store rows per request
         self.page_size = kv_cache_spec.dms_page_size
         self.board = USAGE
+        self.held: dict[str, list] = {}
 
     def _usage(self, request_id: str) -> Usage:
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
-            return Usage()
-        return self.board.by_key.get(blocks[0].block_id, Usage())
+            return Usage(full_rows=self.rows)
+        return self.board.by_key.get(blocks[0].block_id, Usage(full_rows=self.rows))
+
+    def num_blocks(self, request_id: str) -> int:
+        """Blocks of the budget the request holds."""
+        return len(self.req_to_blocks.get(request_id, ())) + len(self.held.get(request_id, ()))
+
+    def worst_pages(self, use: Usage, num_tokens: int) -> int:
+        """Pages the request's rows may hold once they have taken ``num_tokens`` tokens."""
+        T = max(0, num_tokens - use.tokens)
+        if T == 0:
+            return use.pages
+        P = self.page_size
+        grow = use.full_rows * cdiv(T, P) + (self.rows - use.full_rows) * cdiv(T - 1, P)
+        return min(use.pages + grow, self.rows * cdiv(num_tokens, P))
 
     def _target(self, request_id: str, num_tokens: int) -> int:
-        """Real blocks the request needs for ``num_tokens`` tokens: what its store rows hold
-        now plus the worst case of the tokens not yet taken, capped by the dense count."""
-        use = self._usage(request_id)
-        # T more tokens add at most ceil(T / page_size) pages to each row.
-        worst = use.pages + self.rows * cdiv(max(0, num_tokens - use.tokens), self.page_size)
-        return min(cdiv(num_tokens, self.block_size), max(1, cdiv(worst, self.pages_per_block)))
-
-    def _real(self, request_id: str) -> int:
-        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
+        """Blocks the request needs for ``num_tokens`` tokens (at least one: its identity)."""
+        return max(1, cdiv(self.worst_pages(self._usage(request_id), num_tokens), self.pages_per_block))
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, *args,
                                    **kwargs) -> int:
-        return max(0, self._target(request_id, num_tokens) - self._real(request_id))
+        return max(0, self._target(request_id, num_tokens) - self.num_blocks(request_id))
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
-        """Fill null positions first (the worker never reads a block id but the first), then
-        append; only appended blocks are reported, so the worker's row length stays the
-        request's position count."""
-        blocks = self.req_to_blocks[request_id]
-        first = not blocks
-        need = self._target(request_id, num_tokens) - self._real(request_id)
+        """Only a request's first block is reported (the worker reads no other block id)."""
+        need = self._target(request_id, num_tokens) - self.num_blocks(request_id)
         if need <= 0:
             return []
         fresh = self.block_pool.get_new_blocks(need)
-        for i, b in enumerate(blocks):
-            if fresh and b.is_null:
-                blocks[i] = fresh.pop()
-        appended = fresh[: max(0, cdiv(num_tokens, self.block_size) - len(blocks))]
-        blocks.extend(appended)
-        if len(appended) < len(fresh):  # cannot happen: target <= positions
-            self.block_pool.free_blocks(fresh[len(appended):])
-        if first:
-            self.board.by_key[blocks[0].block_id] = Usage()
-        return appended
+        if self.req_to_blocks.get(request_id):
+            self.held[request_id].extend(fresh)
+            return []
+        self.req_to_blocks[request_id] = fresh[:1]
+        self.held[request_id] = fresh[1:]
+        self.board.by_key[fresh[0].block_id] = Usage(full_rows=self.rows)
+        return fresh[:1]
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         """Return the blocks the store does not use (the first one is the request's key)."""
-        blocks = self.req_to_blocks.get(request_id)
-        if not blocks:
+        held = self.held.get(request_id)
+        if not held:
             return
-        keep = max(1, cdiv(self._usage(request_id).pages, self.pages_per_block))
-        excess = self._real(request_id) - keep
-        freed = []
-        for i in range(len(blocks) - 1, 0, -1):
-            if excess <= 0:
-                break
-            if not blocks[i].is_null:
-                freed.append(blocks[i])
-                blocks[i] = self._null_block
-                excess -= 1
-        if freed:
+        keep = max(0, cdiv(self._usage(request_id).pages, self.pages_per_block) - 1)
+        if len(held) > keep:
+            freed = held[keep:]
+            del held[keep:]
             self.block_pool.free_blocks(freed)
 
     def pop_blocks_for_free(self, request_id: str):
-        blocks = super().pop_blocks_for_free(request_id)
+        blocks = super().pop_blocks_for_free(request_id) + self.held.pop(request_id, [])
         if blocks:
             key = blocks[0].block_id
             self.board.by_key.pop(key, None)
             self.board.released.append(key)
-        return [b for b in blocks if not b.is_null]
+        return blocks
 
 
 _REGISTERED = False

@@ -121,6 +121,11 @@ class LayerStore:
         pages = (self.seq_lens.long() + self.page_size - 1) // self.page_size
         return pages.view(-1, self.n_kv_heads).sum(1)
 
+    def full_rows_per_slot(self) -> torch.Tensor:
+        """int64 [slots]: rows of each request slot whose last page is full (or that hold none),
+        where a retained new token pops a page."""
+        return (self.seq_lens % self.page_size == 0).view(-1, self.n_kv_heads).sum(1)
+
     def bytes_held(self) -> int:
         """Bytes of K and V in the pages in use."""
         return int(self.pages_per_slot().sum()) * 2 * self.page_size * self.k_pages.shape[-1] * self.k_pages.element_size()
