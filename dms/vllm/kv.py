@@ -18,11 +18,10 @@ position map: the worker is only ever told a request's first block (its identity
 Since the budgets never exceed the pool, the store's free list cannot run dry; when a budget
 cannot be met, vLLM preempts and recomputes as it does for full attention.
 
-Admission (``apply_admission_cap``, vLLM's full-sequence gate for a waiting request) also
-looks ahead: a request is admitted only if the pages of the running requests and its own,
-each projected to grow at its retention rate until its last token (prompt + ``max_tokens``),
-fit the pool at every future step (``Projection``). Otherwise requests admitted on the pages
-of the moment are preempted a few hundred tokens later, when they all have grown.
+Admission is vLLM's: a waiting request is admitted when the blocks for its prompt's worst
+case are free, and a running request that cannot get its step's blocks preempts the newest
+ones. Requests admitted on the pages of the moment all grow, so some are preempted later and
+recomputed (docs/vllm.md, "Limits").
 
 ``USAGE`` is a process-wide board keyed by the id of a request's first block (the only
 request identity the worker's attention sees). It works because vLLM's single-worker
