@@ -18,10 +18,12 @@ position map: the worker is only ever told a request's first block (its identity
 Since the budgets never exceed the pool, the store's free list cannot run dry; when a budget
 cannot be met, vLLM preempts and recomputes as it does for full attention.
 
-Admission is vLLM's: a waiting request is admitted when the blocks for its prompt's worst
-case are free, and a running request that cannot get its step's blocks preempts the newest
-ones. Requests admitted on the pages of the moment all grow, so some are preempted later and
-recomputed (docs/vllm.md, "Limits").
+Admission looks ahead (``fits_later``, in vLLM's full-sequence gate for a waiting request): a
+request is admitted only if the pages of the running requests and its own, each growing at
+the retention rate observed on decodes until its last token (prompt + ``max_tokens``), fit
+the pool at every future step. vLLM alone admits on the pages of the moment; requests admitted
+together then grow together, and vLLM preempts and recomputes many of them once the pool is
+full. A request that stops early (EOS) was budgeted for more than it used.
 
 ``USAGE`` is a process-wide board keyed by the id of a request's first block (the only
 request identity the worker's attention sees). It works because vLLM's single-worker
@@ -112,6 +114,9 @@ class DMSManager(FullAttentionManager):
         self.page_size = kv_cache_spec.dms_page_size
         self.board = USAGE
         self.held: dict[str, list] = {}
+        self.requests: dict | None = None  # the scheduler's requests by id (attach_requests)
+        self.last: dict[str, tuple[int, int]] = {}  # (tokens, pages) of each request at its last report
+        self.decode_pages, self.decode_tokens = 0, 0  # growth over one-token steps: the retention rate
 
     def _usage(self, request_id: str) -> Usage:
         blocks = self.req_to_blocks.get(request_id)
@@ -137,8 +142,39 @@ class DMSManager(FullAttentionManager):
         return max(1, cdiv(self.worst_pages(self._usage(request_id), num_tokens), self.pages_per_block))
 
     def get_num_blocks_to_allocate(self, request_id: str, num_tokens: int, new_computed_blocks, *args,
-                                   **kwargs) -> int:
+                                   apply_admission_cap: bool = False, **kwargs) -> int:
+        if apply_admission_cap and not self.req_to_blocks.get(request_id) and not self.fits_later(request_id):
+            return self.block_pool.get_num_free_blocks() + 1  # vLLM's gate: the request waits
         return max(0, self._target(request_id, num_tokens) - self.num_blocks(request_id))
+
+    def fits_later(self, request_id: str) -> bool:
+        """Whether the running requests and this waiting one, each growing at the observed
+        retention rate (pages per decoded token) until its last token (prompt + max_tokens),
+        fit the pool at every future step, with a block of rounding each. The total only falls
+        when a request finishes, so it peaks just before one of them does."""
+        new = self.requests.get(request_id) if self.requests is not None else None
+        running = [(rid, self._usage(rid)) for rid, blocks in self.req_to_blocks.items() if blocks]
+        if new is None or not running:
+            return True
+        # Until enough decodes were seen, every token counts as retained (dense).
+        rate = (self.decode_pages / self.decode_tokens if self.decode_tokens >= 4 * self.rows
+                else self.rows / self.page_size)
+        held = [(u.pages, u.tokens) for _, u in running if u.tokens]
+        per_token = sum(p for p, _ in held) / sum(t for _, t in held) if held else self.rows / self.page_size
+        items = [(self._remaining(rid, u.tokens), u.pages) for rid, u in running]
+        items.append((self._remaining(request_id, new.num_tokens), per_token * new.num_tokens))
+        items.sort(key=lambda x: -x[0])
+        capacity = (self.block_pool.num_gpu_blocks - 1) * self.pages_per_block
+        pages = 0.0
+        for count, (left, now) in enumerate(items, 1):  # total at the step the count-th longest ends
+            pages += now + self.pages_per_block
+            if pages + count * rate * left > capacity:
+                return False
+        return True
+
+    def _remaining(self, request_id: str, tokens: int) -> int:
+        r = self.requests.get(request_id)
+        return 0 if r is None else max(0, r.num_prompt_tokens + (r.max_tokens or 0) - tokens)
 
     def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int):
         """Only a request's first block is reported (the worker reads no other block id)."""
@@ -157,16 +193,23 @@ class DMSManager(FullAttentionManager):
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
                               num_prompt_tokens: int | None = None) -> None:
         """Return the blocks the store does not use (the first one is the request's key)."""
+        use = self._usage(request_id)
+        last = self.last.get(request_id)
+        if last is not None and use.tokens == last[0] + 1:
+            self.decode_pages += use.pages - last[1]
+            self.decode_tokens += 1
+        self.last[request_id] = (use.tokens, use.pages)
         held = self.held.get(request_id)
         if not held:
             return
-        keep = max(0, cdiv(self._usage(request_id).pages, self.pages_per_block) - 1)
+        keep = max(0, cdiv(use.pages, self.pages_per_block) - 1)
         if len(held) > keep:
             freed = held[keep:]
             del held[keep:]
             self.block_pool.free_blocks(freed)
 
     def pop_blocks_for_free(self, request_id: str):
+        self.last.pop(request_id, None)
         blocks = super().pop_blocks_for_free(request_id) + self.held.pop(request_id, [])
         if blocks:
             key = blocks[0].block_id
@@ -188,4 +231,24 @@ def register_spec() -> None:
 
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(DMSAttentionSpec, DMSManager, uniform_type_base_spec=FullAttentionSpec)
+    attach_requests()
     _REGISTERED = True
+
+
+def attach_requests() -> None:
+    """Give each DMSManager the requests of the scheduler that built it (vLLM passes a manager
+    request ids only; admission needs their lengths): wraps ``Scheduler.__init__`` once."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    init = Scheduler.__init__
+    if getattr(init, "dms_attaches_requests", False):
+        return
+
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        for manager in self.kv_cache_manager.coordinator.single_type_managers:
+            if isinstance(manager, DMSManager):
+                manager.requests = self.requests
+
+    __init__.dms_attaches_requests = True
+    Scheduler.__init__ = __init__

@@ -99,3 +99,29 @@ def test_store_never_holds_more_than_reserved(tokenizer):
     assert finished == len(ids)
     assert peak > 2 * dense_tokens, (peak, dense_tokens)
     _assert_all_pages_back(llm)
+
+
+def test_admission_waits_for_the_projected_footprint(manager):
+    """A waiting request whose prompt fits now but whose growth, with the running requests',
+    would overflow the pool before they finish waits; one that ends sooner is admitted."""
+    from types import SimpleNamespace
+
+    from dms.vllm.kv import Usage
+
+    def request(max_tokens):
+        return SimpleNamespace(num_prompt_tokens=200, max_tokens=max_tokens, num_tokens=200)
+
+    manager.requests = {"a": request(1000), "b": request(1000), "c": request(1000), "d": request(100)}
+    manager.decode_pages, manager.decode_tokens = 10, 100  # 0.1 page per decoded token
+    for rid in "ab":
+        manager.allocate_new_blocks(rid, 200, 200)
+        manager.board.by_key[manager.req_to_blocks[rid][0].block_id] = Usage(tokens=200, pages=31, full_rows=0)
+        manager.remove_skipped_blocks(rid, 200)
+    free = manager.block_pool.get_num_free_blocks()
+    assert free == 40 - 2 * 4 and manager.get_num_blocks_to_allocate("c", 200, []) == 13 <= free
+    # At the step a and b end: 3 x (31 pages + a block of rounding + 100 grown) = 417 > 320 pages.
+    assert not manager.fits_later("c")
+    assert manager.get_num_blocks_to_allocate("c", 200, [], apply_admission_cap=True) > free
+    # d ends 900 tokens sooner: the peak is a's and b's end, 2 x 139 pages, and d's own.
+    assert manager.fits_later("d")
+    assert manager.get_num_blocks_to_allocate("d", 200, [], apply_admission_cap=True) == 13
