@@ -93,15 +93,14 @@ BASE="$RUN/v2f/final"
 # to 9-10x, docs/retrofit.md; it cannot pull back a CR that overshot in phase 1: this 8x ends near
 # 10.4x). --alpha-scale 10:
 # at the default 100 the eviction logits of this wider model saturate and stop learning.
-# Window: 32 for 8x (a 37-token arith_trace answer outlives a 16-token window; docs/retrofit.md),
-# 16 for 4x.
+# --window 32: the answer of arith_trace (about 37 tokens) reads the question's operators while it
+# is written, and a 16-token window had dropped them (docs/retrofit.md).
 [ -f "$RUN/retrofit12k.jsonl" ] || python "$ROOT/scripts/make_retrofit_data.py" --out "$RUN/retrofit12k.jsonl" \
   --samples 12000 --lengths 128 256 512
-declare -A WINDOW=([4]=16 [8]=32)
 retrofit() {  # usage: retrofit RATIO OUT [flags]
   local r="$1" out="$2"; shift 2
   [ -f "$RUN/$out/config.json" ] || dms retrofit "$BASE" --data "$RUN/retrofit12k.jsonl" --output-dir "$RUN/$out" \
-    --target-cr "$r" --window "${WINDOW[$r]}" --ramp-steps 640 --batch-size 4 --seq-len 640 --no-pack --lr 5e-4 \
+    --target-cr "$r" --window 32 --ramp-steps 640 --batch-size 4 --seq-len 640 --no-pack --lr 5e-4 \
     --warmup-steps 30 --variant adapter --train-mode full --alpha-scale 10 --save-every 200 --no-progress "$@"
 }
 for r in 4 8; do
