@@ -42,24 +42,28 @@ void append_kernel(const dms::PagedStore<char>& st, const Chunk& c) {
   // Live pages of every sequence in [0, P): phase 3 writes into them.
   dms::cpu::check_seq_lens("dms.append", st);
 
-  // Phase 1: dry run.
-  std::vector<int32_t> need(S);
+  // Phase 1: dry run. It raises nothing itself: the checks run in sequence order below, so that
+  // the error names the first bad sequence whatever the thread count.
+  std::vector<int32_t> need(S), bad_col(S, -1);
+  const auto state_ok = [&](int64_t s) { return seen[s] >= lens[s] && dms::num_seen_fits(seen[s], T); };
   at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
+      if (!state_ok(s)) continue;
       const int32_t len = lens[s];
-      TORCH_CHECK(seen[s] >= len, "dms.append: corrupt state of sequence ", s, ": num_seen = ", seen[s],
-                  " < seq_lens = ", len);
-      TORCH_CHECK(dms::num_seen_fits(seen[s], T), "dms.append: num_seen[", s, "] = ", seen[s], " + ", T,
-                  " new tokens overflows int32");
-      int32_t bad_col = -1;
       const int32_t fresh = dms::count_fresh_slots(flags + s * W1, W1, seen[s], dec + s * T,
-                                                   ok ? ok + s * T : nullptr, T, slots + s * W1, len, &bad_col);
-      TORCH_CHECK(bad_col < 0, "dms.append: ring_slots[", s, ", ", bad_col, "] = ", slots[s * W1 + bad_col],
-                  " is handed over to a new token but is not a live slot in [0, seq_lens = ", len, ")");
+                                                   ok ? ok + s * T : nullptr, T, slots + s * W1, len, &bad_col[s]);
       const int32_t pages = dms::pages_for(len + fresh, ps);
       need[s] = pages > max_pages ? kOverflow : pages - dms::pages_for(len, ps);
     }
   });
+  for (int64_t s = 0; s < S; ++s) {
+    const int32_t len = lens[s], col = bad_col[s];
+    TORCH_CHECK(seen[s] >= len, "dms.append: corrupt state of sequence ", s, ": num_seen = ", seen[s],
+                " < seq_lens = ", len);
+    TORCH_CHECK(state_ok(s), "dms.append: num_seen[", s, "] = ", seen[s], " + ", T, " new tokens overflows int32");
+    TORCH_CHECK(col < 0, "dms.append: ring_slots[", s, ", ", col, "] = ", slots[s * W1 + col],
+                " is handed over to a new token but is not a live slot in [0, seq_lens = ", len, ")");
+  }
 
   // Phase 2: prefix; raise before anything is written.
   std::vector<int32_t> first(S);  // pages popped by sequences before s

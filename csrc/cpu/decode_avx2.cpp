@@ -61,6 +61,7 @@ struct V {
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
+  static bool any_above(reg x, float m) { return _mm256_movemask_ps(_mm256_cmp_ps(x, set1(m), _CMP_GT_OQ)) != 0; }
   static reg keep_first(reg x, int n, float fill) {
     return _mm256_blendv_ps(set1(fill), x, _mm256_castsi256_ps(first(n)));
   }

@@ -1,7 +1,7 @@
 // CPU kernel of dms.paged_decode_attention. The live pages of all sequences are visited in
 // pool order (by page id), not in each sequence's block-table order: pages scattered at random
 // then stream like one array where the pool is dense, instead of costing a fresh DRAM access
-// each. The visit is cut into one share per thread; a kernel for the best instruction set
+// each. The visit is cut into a few shares per thread; a kernel for the best instruction set
 // (decode.h) carries each sequence's partial softmax state through a share, and a merge
 // combines the shares of a sequence and normalises.
 //
@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -30,6 +31,8 @@ namespace {
 using namespace dms::cpu;
 
 constexpr const char* kOp = "dms.paged_decode_attention";
+constexpr int64_t kSharesPerThread = 8;
+constexpr int64_t kMergeFloats = int64_t{1} << 18;  // of the states' accumulators, per merge task
 
 enum class Isa { scalar, avx2, avx512, avx512_bf16 };
 constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512", "avx512_bf16"};
@@ -124,23 +127,31 @@ void decode(DecodeFn<T> kernel, const dms::PagedStore<const T>& st, const T* q, 
   const int64_t S = st.num_seqs, D = st.head_dim;
   const auto pieces = pieces_in_pool_order(st);
   const int64_t count = static_cast<int64_t>(pieces.size());
-  // One share of the pieces per thread, each with its own state for every sequence: fewer when
-  // a share would read less than 8 times its state's bytes of K and V (the states are zeroed,
-  // written and merged, so they must stay small next to the pages).
+  // The pieces are cut into shares, each with its own state for every sequence, that the threads
+  // take in turn: several per thread, so that a thread the OS deschedules on a busy machine holds
+  // back one share, not 1 / threads of the work. Fewer shares when one would read less than 8
+  // times its state's bytes of K and V (the states are zeroed, written and merged, so they must
+  // stay small next to the pages). The shares depend on the thread count, not on which thread
+  // takes which, and are merged in order: a result does not vary from call to call.
   const int64_t kv_bytes = count * st.page_size * D * 2 * static_cast<int64_t>(sizeof(T));
   const int64_t state_bytes = S * G * (D + 2) * static_cast<int64_t>(sizeof(float));
   const int64_t worth = kv_bytes / std::max<int64_t>(1, 8 * state_bytes);
-  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), worth));
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), worth));
+  const int64_t shares =
+      threads == 1 ? 1 : std::max<int64_t>(1, std::min({kSharesPerThread * threads, worth, count}));
   std::vector<float> acc(shares * S * G * D, 0.f), max(shares * S * G, -INFINITY), sum(shares * S * G, 0.f);
-  at::parallel_for(0, shares, 1, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> scratch(decode_scratch_floats(G, D));
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < shares;) {
       const int64_t first = count * i / shares, last = count * (i + 1) / shares;
       kernel(st, q, G, scale, pieces.data() + first, last - first, acc.data() + i * S * G * D,
              max.data() + i * S * G, sum.data() + i * S * G, scratch.data());
     }
   });
-  at::parallel_for(0, S, 1, [&](int64_t begin, int64_t end) {
+  // A small merge runs on the calling thread: a parallel region would cost more.
+  const int64_t merge_grain = std::max<int64_t>(1, kMergeFloats / (shares * G * D));
+  at::parallel_for(0, S, merge_grain, [&](int64_t begin, int64_t end) {
     std::vector<float> total(D);
     for (int64_t s = begin; s < end; ++s) {
       for (int64_t g = 0; g < G; ++g) {

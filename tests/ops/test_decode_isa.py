@@ -104,6 +104,23 @@ def test_threads_split_and_merge(isa, dtype, lens, threads, spare):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threads_give_the_same_result_on_every_call(dtype):
+    # The threads take the shares in turn, in whatever order they come: the shares themselves
+    # and the order of their merge must not depend on it.
+    gen = torch.Generator().manual_seed(7)
+    k, v, table, lens = _store(gen, 3, 16, 200, 64, dtype, [3000, 2049, 1500])
+    q = torch.randn(3, 4, 64, generator=gen).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        first = ops.paged_decode_attention(q, k, v, table, lens, 0.125)
+        for _ in range(10):
+            assert torch.equal(ops.paged_decode_attention(q, k, v, table, lens, 0.125), first)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_auto_picks_the_best_kernel(monkeypatch, dtype):
     gen = torch.Generator().manual_seed(0)
     k, v, table, lens = _store(gen, 3, 16, 8, 64, dtype)
