@@ -11,12 +11,9 @@ import argparse
 import statistics
 
 import torch
-from transformers import DynamicCache
 
-import dms
-from dms.cache import DMSCache
 from dms.cli.demo import default_model_dir, folders
-from dms.eval.runner import load_base, load_tokenizer, run_task, task_samples
+from dms.eval.runner import load_tokenizer, load_with_cache, run_task, task_samples
 from dms.tasks import TASKS
 
 LENGTH, N_REF, N_CI = 512, 32, 8
@@ -30,12 +27,7 @@ def main() -> None:
     assets = folders(default_model_dir())
     name = "base" if args.model == "base" else int(args.model)
     tokenizer = load_tokenizer(str(assets["base"]))
-    if name == "base":
-        model = load_base(str(assets["base"]))
-        make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
-    else:
-        model = dms.from_pretrained(str(assets[name]), dtype=torch.float32).eval()
-        make_cache = lambda: DMSCache(model)  # noqa: E731
+    model, make_cache = load_with_cache(str(assets[name]), name != "base")
     acc, acc_sd, cr, cr_sd, batch_acc, batch_cr = [], [], [], [], [], []
     for task in TASKS:
         samples = task_samples(task, LENGTH, N_REF)

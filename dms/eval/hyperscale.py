@@ -229,11 +229,8 @@ def hyperscale(base: str, dms_models: dict[float, str], config: HyperscaleConfig
     """Every (method, level, W) of ``config``: vanilla (the plain model in ``base``, whose tokenizer
     every method uses) and one DMS model per ratio in ``dms_models`` (ratio -> folder)."""
     from tqdm.auto import tqdm
-    from transformers import DynamicCache
 
-    import dms
-    from dms.cache import DMSCache
-    from dms.eval.runner import load_base, load_tokenizer
+    from dms.eval.runner import load_tokenizer, load_with_cache
 
     tokenizer = load_tokenizer(base)
     data = {level: level_samples(config, level) for level in config.levels}
@@ -242,12 +239,8 @@ def hyperscale(base: str, dms_models: dict[float, str], config: HyperscaleConfig
     bar = tqdm(total=total, desc="dms hyperscale", unit="prompt", disable=not progress)
     points = []
     for method in methods:
-        if method == "vanilla":
-            model = load_base(base)
-            make = lambda: DynamicCache(config=model.config)  # noqa: E731
-        else:
-            model = dms.from_pretrained(dms_models[float(method[4:-1])], dtype=torch.float32).eval()
-            make = lambda: DMSCache(model, page_size=config.page_size)  # noqa: E731
+        path = base if method == "vanilla" else dms_models[float(method[4:-1])]
+        model, make = load_with_cache(path, method != "vanilla", config.page_size)
         for level in config.levels:
             for chains in config.chains:
                 bar.set_postfix_str(f"{method} {config.knob}={level} W={chains}")

@@ -181,6 +181,20 @@ def load_base(path: str):
     return model
 
 
+def load_with_cache(path: str, dms_checkpoint: bool, page_size: int = 16):
+    """(model, factory of fresh caches): a DMS checkpoint with ``DMSCache``, a plain model
+    (``load_base``) with transformers' ``DynamicCache``; fp32, in eval mode."""
+    if not dms_checkpoint:
+        from transformers import DynamicCache
+
+        model = load_base(path)
+        return model, lambda: DynamicCache(config=model.config)
+    import dms
+
+    model = dms.from_pretrained(path, dtype=torch.float32).eval()
+    return model, lambda: DMSCache(model, page_size=page_size)
+
+
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 

@@ -8,13 +8,11 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import dms
-from dms.cache import DMSCache
 from dms.cli.demo import default_model_dir, folders, missing_files
 from dms.config import DMSConfigError
-from dms.eval.runner import load_base, load_tokenizer, run_task, task_samples
+from dms.eval.runner import load_tokenizer, load_with_cache, run_task, task_samples
 from dms.tasks import TASKS
 
 ASSETS = default_model_dir()
@@ -66,12 +64,7 @@ def test_accuracy_and_compression_within_the_measured_interval(name):
     assert len(TASKS) == 7
     folder = str(folders(ASSETS)[name])
     tokenizer = load_tokenizer(str(folders(ASSETS)["base"]))
-    if name == "base":
-        model = load_base(folder)
-        make_cache = lambda: DynamicCache(config=model.config)  # noqa: E731
-    else:
-        model = dms.from_pretrained(folder, dtype=torch.float32).eval()
-        make_cache = lambda: DMSCache(model)  # noqa: E731
+    model, make_cache = load_with_cache(folder, name != "base")
     rows = [run_task(model, tokenizer, task_samples(task, LENGTH, N_CI), make_cache, batch_size=N_CI)
             for task in TASKS]
     accuracy = sum(r["accuracy"] for r in rows) / len(rows)
