@@ -156,11 +156,11 @@ class DMSManager(FullAttentionManager):
         running = [(rid, self._usage(rid)) for rid, blocks in self.req_to_blocks.items() if blocks]
         if new is None or not running:
             return True
-        # Until enough decodes were seen, every token counts as retained (dense).
-        rate = (self.decode_pages / self.decode_tokens if self.decode_tokens >= 4 * self.rows
-                else self.rows / self.page_size)
+        dense = self.rows / self.page_size  # pages per token when every token is retained
+        # Until enough decodes were seen, every token counts as retained.
+        rate = self.decode_pages / self.decode_tokens if self.decode_tokens >= 4 * self.rows else dense
         held = [(u.pages, u.tokens) for _, u in running if u.tokens]
-        per_token = sum(p for p, _ in held) / sum(t for _, t in held) if held else self.rows / self.page_size
+        per_token = sum(p for p, _ in held) / sum(t for _, t in held) if held else dense
         items = [(self._remaining(rid, u.tokens), u.pages) for rid, u in running]
         items.append((self._remaining(request_id, new.num_tokens), per_token * new.num_tokens))
         items.sort(key=lambda x: -x[0])

@@ -110,13 +110,13 @@ def test_retrofits_are_two_phases_on_the_final_base(issued):
     assert len(phase2) == 2 and all(c[c.index("--compression-ema") + 1] == "0.9" for c in phase2)
 
 
-
 def test_shipped_retrofits_carry_the_ratio_and_window_the_script_trains(issued):
     for cmd in (c for c in issued if c[0] == "dms"):
         ratio = int(cmd[cmd.index("--target-cr") + 1])
         config = json.loads((ROOT / "dms" / "assets" / f"dms-{ratio}x" / "config.json").read_text())
         assert config["dms_cr"] == ratio
         assert config["dms_window_size"] == int(cmd[cmd.index("--window") + 1])
+
 
 def _retrofit_means(ratio: int, first: int, last: int) -> tuple[float, float]:
     with gzip.open(LOGS / f"dms-{ratio}x_retrofit_log.jsonl.gz", "rt") as f:
