@@ -3,6 +3,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from transformers import AutoTokenizer
 
 from dms.tasks import TASKS, normalize
@@ -50,3 +52,25 @@ def test_cwe_uncommon_option_changes_only_the_cwe_samples(tmp_path):
     tasks = sorted(TASKS)
     changed = {tasks[i % len(tasks)] for i, (a, b) in enumerate(zip(even, rand)) if a != b}
     assert changed == {"cwe"}
+
+
+def test_weight_gives_a_task_more_turns_and_leaves_the_default_order_alone(tmp_path):
+    tasks = sorted(TASKS)
+    plain, weighted = tmp_path / "plain.jsonl", tmp_path / "weighted.jsonl"
+    n = 2 * (len(tasks) + 2)
+    assert _script().main(["--out", str(plain), "--samples", str(n), "--lengths", "128"]) == 0
+    assert _script().main(["--out", str(weighted), "--samples", str(n), "--lengths", "128",
+                           "--weight", "arith_trace=3"]) == 0
+    rows = [json.loads(line) for line in weighted.read_text().splitlines()]
+    is_arith = ["modulo" in r["prompt"] for r in rows]
+    assert is_arith[:4] == [True, True, True, False]  # arith_trace sorts first: three turns in a row
+    assert sum(is_arith) == 6 and len({r["prompt"] for r in rows}) == n
+    first = [json.loads(line) for line in plain.read_text().splitlines()][: tasks.index("arith_trace") + 1]
+    assert rows[: len(first)] == first  # the tasks before it keep their samples and seeds
+
+
+def test_weight_rejects_unknown_tasks_and_bad_counts(tmp_path, capsys):
+    for bad in ("nope=2", "cwe=0", "cwe=x", "cwe"):
+        with pytest.raises(SystemExit):
+            _script().main(["--out", str(tmp_path / "x.jsonl"), "--samples", "4", "--weight", bad])
+        assert "--weight" in capsys.readouterr().err
