@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -42,26 +43,17 @@ double process_cpu_seconds() {
   return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-// Sorted wall times of fn over `repeats` runs, after one warm-up run; with `cpu`, the process
-// CPU time instead (time the process was not running does not count).
+// Median wall time of fn over `repeats` runs, after one warm-up run.
 template <typename F>
-std::vector<double> sorted_seconds(int repeats, F&& fn, bool cpu = false) {
+double median_seconds(int repeats, F&& fn) {
   fn();
   std::vector<double> times;
   for (int i = 0; i < repeats; ++i) {
     const auto start = std::chrono::steady_clock::now();
-    const double cpu_start = process_cpu_seconds();
     fn();
-    times.push_back(cpu ? process_cpu_seconds() - cpu_start
-                        : std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
   }
   std::sort(times.begin(), times.end());
-  return times;
-}
-
-template <typename F>
-double median_seconds(int repeats, F&& fn) {
-  const auto times = sorted_seconds(repeats, fn);
   return times[times.size() / 2];
 }
 
@@ -137,40 +129,55 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
     const auto k_pages = at::randn({P, page_size, D}).to(opt), v_pages = at::randn({P, page_size, D}).to(opt);
     const auto q = at::randn({S, G, D}).to(opt);
     const double bytes = 2.0 * k_pages.numel() * k_pages.element_size();
-    // Wall-time median, and the median of CPU time / threads: on a shared machine the second
-    // leaves out the time other jobs held the cores (it counts idle pool threads that spin).
-    const double threads = device.is_cpu() ? at::get_num_threads() : 1.0;
-    const auto timed = [&](auto&& fn) {
-      const auto run = [&] {
-        fn();
-        sync(device);
-      };
-      const auto wall = sorted_seconds(repeats, run);
-      const auto cpu = device.is_cpu() ? sorted_seconds(repeats, run, true) : wall;
-      return std::make_pair(wall[wall.size() / 2], cpu[cpu.size() / 2] / (device.is_cpu() ? threads : 1.0));
-    };
-    const auto gbps = [&](double t) { return bytes / t / 1e9; };
-    const auto t_sum = timed([&] { return k_pages.sum() + v_pages.sum(); });
     auto k_copy = at::empty_like(k_pages), v_copy = at::empty_like(v_pages);
-    const auto t_copy = timed([&] {
-      k_copy.copy_(k_pages);
-      v_copy.copy_(v_pages);
-    });
+    // The yardsticks and every kernel take turns, one run each per round, so that a change in
+    // what else the shared machine runs hits them alike. Wall-time medians, and the medians of
+    // CPU time / threads: the second leaves out the time other jobs held the cores (it counts
+    // idle pool threads that spin).
+    std::vector<std::pair<std::string, std::function<void()>>> runs = {
+        {"sum", [&] { (void)(k_pages.sum() + v_pages.sum()); }},
+        {"copy", [&] {
+           k_copy.copy_(k_pages);
+           v_copy.copy_(v_pages);
+         }}};
+    for (const char* isa : isas)
+      runs.emplace_back(isa ? isa : "", [&, isa] {
+        if (isa) setenv("DMS_CPU_ISA", isa, 1);
+        attention.call(q, k_pages, v_pages, block_table, seq_lens, 0.125);
+      });
+    const double threads = device.is_cpu() ? at::get_num_threads() : 1.0;
+    std::vector<std::vector<double>> wall(runs.size()), cpu(runs.size());
+    for (int r = -1; r < repeats; ++r)  // round -1 warms up
+      for (size_t i = 0; i < runs.size(); ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        const double cpu_start = process_cpu_seconds();
+        runs[i].second();
+        sync(device);
+        if (r < 0) continue;
+        wall[i].push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+        cpu[i].push_back((process_cpu_seconds() - cpu_start) / threads);
+      }
+    const auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    std::vector<std::pair<double, double>> t;  // (wall, cpu / threads) per run
+    for (size_t i = 0; i < runs.size(); ++i)
+      t.emplace_back(median(wall[i]), device.is_cpu() ? median(cpu[i]) : median(wall[i]));
+    const auto gbps = [&](double s) { return bytes / s / 1e9; };
     std::printf("decode %s, %s, %lld seqs x %lld tokens, G=%lld, D=%lld, page_size=%lld, shuffled pages: %.1f MB of "
-                "K+V; GB/s of K+V read, median of %d runs by wall time (by CPU time / threads)\n  yardsticks: sum %.1f (%.1f) GB/s | copy %.1f (%.1f) "
-                "GB/s read (+ as much written)\n",
+                "K+V; GB/s of K+V read, median of %d interleaved runs by wall time (by CPU time / threads)\n"
+                "  yardsticks: sum %.1f (%.1f) GB/s | copy %.1f (%.1f) GB/s read (+ as much written)\n",
                 device.str().c_str(), c10::toString(dtype), (long long)S, (long long)L, (long long)G, (long long)D,
-                (long long)page_size, bytes / 1e6, repeats, gbps(t_sum.first), gbps(t_sum.second),
-                gbps(t_copy.first), gbps(t_copy.second));
-    for (const char* isa : isas) {
-      if (isa) setenv("DMS_CPU_ISA", isa, 1);
-      const auto t = timed([&] { attention.call(q, k_pages, v_pages, block_table, seq_lens, 0.125); });
+                (long long)page_size, bytes / 1e6, repeats, gbps(t[0].first), gbps(t[0].second), gbps(t[1].first),
+                gbps(t[1].second));
+    for (size_t i = 2; i < runs.size(); ++i) {
+      const char* isa = runs[i].first.c_str();
       std::printf("  paged_decode_attention%s%s: %.2f ms = %.1f (%.1f) GB/s, %.1f ns/token by CPU time = %.0f%% (%.0f%%) "
                   "of sum, %.0f%% (%.0f%%) of copy\n",
-                  isa ? " " : "", isa ? isa : "", t.first * 1e3, gbps(t.first), gbps(t.second),
-                  t.second * threads * 1e9 / (S * L),
-                  100 * t_sum.first / t.first, 100 * t_sum.second / t.second, 100 * t_copy.first / t.first,
-                  100 * t_copy.second / t.second);
+                  *isa ? " " : "", isa, t[i].first * 1e3, gbps(t[i].first), gbps(t[i].second),
+                  t[i].second * threads * 1e9 / (S * L), 100 * t[0].first / t[i].first, 100 * t[0].second / t[i].second,
+                  100 * t[1].first / t[i].first, 100 * t[1].second / t[i].second);
     }
   }
   unsetenv("DMS_CPU_ISA");
