@@ -135,6 +135,7 @@ def test_hyperscale_command_on_tiny_models(tiny, tmp_path, capsys):
         assert p["ci_low"] <= p["accuracy"] <= p["ci_high"]
         assert f"{p['method']:<7}" in printed
     assert doc["meta"]["seed"] == EVAL_SEED and "counted once" in doc["meta"]["fairness"]
+    assert doc["meta"]["task"] == "vt"  # the default: the task whose accuracy falls gradually with its knob
     assert "fairness:" in printed and "counted once" in printed
     assert (out / "hyperscale.png").stat().st_size > 10_000
 
