@@ -154,7 +154,7 @@ class SlotTable:
 
     def report(self, plan: StepPlan, meta: DMSMetadata, stores: list[LayerStore]) -> None:
         """Tell the scheduler-side manager what the store holds for each request now."""
-        held = torch.stack([torch.stack([s.pages_per_slot(), s.full_rows_per_slot()]) for s in stores]).sum(0)
+        held = torch.stack([s.usage_per_slot() for s in stores]).sum(0)
         pages, full = held[:, plan.slots].tolist()
         qs = meta.query_start
         for i, key in enumerate(meta.keys):

@@ -118,11 +118,15 @@ class DMSManager(FullAttentionManager):
         self.last: dict[str, tuple[int, int]] = {}  # (tokens, pages) of each request at its last report
         self.decode_pages, self.decode_tokens = 0, 0  # growth over one-token steps: the retention rate
 
+    def _empty(self) -> Usage:
+        """A request before its first report: no token, no page, every row's next token pops a page."""
+        return Usage(full_rows=self.rows)
+
     def _usage(self, request_id: str) -> Usage:
         blocks = self.req_to_blocks.get(request_id)
         if not blocks:
-            return Usage(full_rows=self.rows)
-        return self.board.by_key.get(blocks[0].block_id, Usage(full_rows=self.rows))
+            return self._empty()
+        return self.board.by_key.get(blocks[0].block_id, self._empty())
 
     def num_blocks(self, request_id: str) -> int:
         """Blocks of the budget the request holds."""
@@ -187,7 +191,7 @@ class DMSManager(FullAttentionManager):
             return []
         self.req_to_blocks[request_id] = fresh[:1]
         self.held[request_id] = fresh[1:]
-        self.board.by_key[fresh[0].block_id] = Usage(full_rows=self.rows)
+        self.board.by_key[fresh[0].block_id] = self._empty()
         return fresh[:1]
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int,
