@@ -124,9 +124,8 @@ class LayerStore:
     def usage_per_slot(self) -> torch.Tensor:
         """int64 [2, slots]: per request slot (summed over its KV heads), the pages held, and the
         rows whose last page is full (or that hold none), where a retained new token pops a page."""
-        lens = self.seq_lens.long().view(-1, self.n_kv_heads)
-        return torch.stack([((lens + self.page_size - 1) // self.page_size).sum(1),
-                            (lens % self.page_size == 0).sum(1)])
+        full = (self.seq_lens % self.page_size == 0).view(-1, self.n_kv_heads).sum(1)
+        return torch.stack([self.pages_per_slot(), full])
 
     def bytes_held(self) -> int:
         """Bytes of K and V in the pages in use."""
