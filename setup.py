@@ -34,9 +34,10 @@ def extension():
     # the including file is compiled with OpenMP (libgomp.so.1 resolves to the copy torch loaded).
     cxx = ["-O3", "-std=c++20", "-fopenmp", f"-DDMS_WITH_CUDA={int(with_cuda)}"]
     include_dirs = [os.path.join(HERE, "csrc", "include")]
+    link = ["-fopenmp"]
     if not with_cuda:
         return CppExtension("dms._C", sources, include_dirs=include_dirs,
-                            extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])
+                            extra_compile_args={"cxx": cxx}, extra_link_args=link)
     # torch's CUDA headers want cusparse.h & co., shipped by pip's nvidia packages (docs/building.md #4).
     nvidia_include = os.path.join(os.path.dirname(torch.__file__), "..", "nvidia", "cu13", "include")
     if os.path.isdir(nvidia_include):
@@ -44,7 +45,7 @@ def extension():
     nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", f"-DDMS_WITH_CUDA=1"]
     return CUDAExtension("dms._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
                          include_dirs=include_dirs,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"])
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link)
 
 
 setup(

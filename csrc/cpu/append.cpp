@@ -60,7 +60,8 @@ void append_kernel(const dms::PagedStore<char>& st, const Chunk& c) {
     const int32_t len = lens[s], col = bad_col[s];
     TORCH_CHECK(seen[s] >= len, "dms.append: corrupt state of sequence ", s, ": num_seen = ", seen[s],
                 " < seq_lens = ", len);
-    TORCH_CHECK(state_ok(s), "dms.append: num_seen[", s, "] = ", seen[s], " + ", T, " new tokens overflows int32");
+    TORCH_CHECK(dms::num_seen_fits(seen[s], T), "dms.append: num_seen[", s, "] = ", seen[s], " + ", T,
+                " new tokens overflows int32");
     TORCH_CHECK(col < 0, "dms.append: ring_slots[", s, ", ", col, "] = ", slots[s * W1 + col],
                 " is handed over to a new token but is not a live slot in [0, seq_lens = ", len, ")");
   }

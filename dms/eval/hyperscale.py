@@ -234,12 +234,11 @@ def hyperscale(base: str, dms_models: dict[float, str], config: HyperscaleConfig
 
     tokenizer = load_tokenizer(base)
     data = {level: level_samples(config, level) for level in config.levels}
-    methods = ["vanilla"] + [f"dms@{r:g}x" for r in sorted(dms_models)]
+    methods = [("vanilla", base)] + [(f"dms@{r:g}x", dms_models[r]) for r in sorted(dms_models)]
     total = len(methods) * len(config.levels) * len(config.chains) * config.samples
     bar = tqdm(total=total, desc="dms hyperscale", unit="prompt", disable=not progress)
     points = []
-    for method in methods:
-        path = base if method == "vanilla" else dms_models[float(method[4:-1])]
+    for method, path in methods:
         model, make = load_with_cache(path, method != "vanilla", config.page_size)
         for level in config.levels:
             for chains in config.chains:
