@@ -17,6 +17,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="go on past the end-of-sequence token up to --max-new-tokens (vLLM's ignore_eos: for load "
+                        "and memory tests; what a model writes past its end is rarely meaningful)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
     p.add_argument("--device", default="cpu")
@@ -58,9 +61,13 @@ def run(args) -> int:
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p) if args.sample else \
         dict(do_sample=False)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, streamer=streamer,
-                   pad_token_id=pad, prefill_chunk_size=args.prefill_chunk, **sampling)
+    if args.ignore_eos:
+        sampling["eos_token_id"] = None
+    out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, streamer=streamer,
+                         pad_token_id=pad, prefill_chunk_size=args.prefill_chunk, **sampling)
     print(file=sys.stderr)
+    print(f"[dms] {inputs['input_ids'].shape[1]} prompt tokens, {out.shape[1] - inputs['input_ids'].shape[1]} new",
+          file=sys.stderr)
     print(report(cache), file=sys.stderr)
     return 0
 

@@ -42,3 +42,25 @@ def test_bench_smoke(capsys):
     for line in lines:
         ratio = float(line.split("(CR ")[1].split(")")[0])
         assert 7.0 < ratio < 9.0
+
+
+def test_generate_ignore_eos_goes_past_the_end(tmp_path, capsys):
+    """The checkpoint's end token is made the first token it writes: without --ignore-eos the
+    completion is that one token, with it generation runs to --max-new-tokens."""
+    import json
+
+    forced_dms_model("qwen3", "adapter").save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text(" ".join(f"w{i}" for i in range(10, 40)))
+    args = ["generate", str(tmp_path), "--prompt-file", str(prompt), "--max-new-tokens", "12"]
+    assert main(args) == 0
+    first = int(capsys.readouterr().out.split()[0][1:])  # greedy and seeded: the same first word each run
+    config_path = tmp_path / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config_path.write_text(json.dumps({**config, "eos_token_id": first}))
+
+    assert main(args) == 0
+    assert "30 prompt tokens, 1 new" in capsys.readouterr().err
+    assert main(args + ["--ignore-eos"]) == 0
+    assert "30 prompt tokens, 12 new" in capsys.readouterr().err
