@@ -21,6 +21,7 @@ COMMANDS = {
     "demo": ("dms.cli.demo", "the main job: evaluate the shipped models offline"),
     "hyperscale": ("dms.cli.hyperscale", "accuracy of W sampled chains vs KV memory and reads, vanilla vs DMS"),
     "retention": ("dms.cli.retention", "heat map of the tokens each head of a DMS model kept, for one sample"),
+    "compare": ("dms.cli.compare", "paired comparison of two dms eval results on the same seeds"),
 }
 
 # Errors that mean "the input is wrong or unsupported", not "dms has a bug" (DMSConfigError and
