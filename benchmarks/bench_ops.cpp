@@ -8,7 +8,9 @@
 //      read, next to a sum and a memcpy over the same bytes; on a CUDA device too when there is one.
 //  (d) the same in a 4 x 1024-token store on one thread (decode-cache): the kernels' compute
 //      rate, in ns of CPU time per token, with the store in cache.
-// Usage: bench_ops [repeats] [compact|step|decode|decode-cache ...]   (default: all; threads:
+//  (e) peak: ns per 512-bit FMA and vdpbf16ps on one core, and the decode's compute floor they
+//      imply (the roofline's other side, next to the bandwidth of (c)).
+// Usage: bench_ops [repeats] [compact|step|decode|decode-cache|peak ...]   (default: all; threads:
 // at::get_num_threads(), set OMP_NUM_THREADS to change; DMS_CPU_ISA=name times that kernel only;
 // THP_MEM_ALLOC_ENABLE=1 makes torch back large tensors with huge pages: cheaper first touch)
 #include <ATen/ATen.h>
@@ -26,6 +28,10 @@
 #include <functional>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -183,6 +189,66 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
   unsetenv("DMS_CPU_ISA");
 }
 
+#if defined(__x86_64__)
+// Seconds per instruction over 12 independent accumulators (more than latency x throughput, so
+// the rate is the issue rate); the empty asm keeps the loop from being folded away.
+constexpr int kChains = 12;
+constexpr long kRounds = 20'000'000;
+
+__attribute__((target("avx512f"))) double seconds_per_fma() {
+  __m512 acc[kChains], x = _mm512_set1_ps(1.0001f);
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const auto start = std::chrono::steady_clock::now();
+  for (long r = 0; r < kRounds; ++r) {
+    for (auto& a : acc) a = _mm512_fmadd_ps(x, x, a);
+    __asm__ volatile("" : "+v"(x));
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  __m512 sum = acc[0];
+  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  __asm__ volatile("" : : "v"(sum));
+  return s / (kRounds * kChains);
+}
+
+__attribute__((target("avx512f,avx512bf16"))) double seconds_per_dpbf16() {
+  __m512 acc[kChains];
+  __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80));  // bf16 1.0
+  for (auto& a : acc) a = _mm512_setzero_ps();
+  const auto start = std::chrono::steady_clock::now();
+  for (long r = 0; r < kRounds; ++r) {
+    for (auto& a : acc) a = _mm512_dpbf16_ps(a, x, x);
+    __asm__ volatile("" : "+v"(x));
+  }
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  __m512 sum = acc[0];
+  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
+  __asm__ volatile("" : : "v"(sum));
+  return s / (kRounds * kChains);
+}
+#endif
+
+// The decode at G = 4, D = 64 does 512 multiply-adds per token (256 for the scores, 256 for the
+// values): 32 fp32 FMAs of 16 lanes, or 16 vdpbf16ps of 32 products. Best of 3 runs each.
+void bench_peak() {
+#if defined(__x86_64__)
+  if (!__builtin_cpu_supports("avx512f")) {
+    std::printf("peak: this CPU has no AVX-512\n");
+    return;
+  }
+  const auto best = [](double (*f)()) { return std::min({f(), f(), f()}); };
+  const double fma = best(seconds_per_fma);
+  std::printf("peak, 1 thread: vfmadd231ps zmm %.3f ns -> fp32 decode floor %.1f ns/token (G=4, D=64)\n", fma * 1e9,
+              32 * fma * 1e9);
+  if (__builtin_cpu_supports("avx512bf16")) {
+    const double dp = best(seconds_per_dpbf16);
+    std::printf("peak, 1 thread: vdpbf16ps zmm %.3f ns -> bf16 decode floor %.1f ns/token (G=4, D=64)\n", dp * 1e9,
+                16 * dp * 1e9);
+  }
+#else
+  std::printf("peak: measured on x86-64 only\n");
+#endif
+}
+
 // The CPU kernels this machine can run (a forced ISA it lacks makes the op raise), or only the
 // one DMS_CPU_ISA names when it is set.
 std::vector<const char*> cpu_isas() {
@@ -225,5 +291,6 @@ int main(int argc, char** argv) {
     std::printf("decode-cache: 1 thread\n");
     bench_decode_bandwidth(repeats, at::kCPU, cpu_isas(), 4, 1024);
   }
+  if (wanted("peak")) bench_peak();
   return 0;
 }
