@@ -191,39 +191,34 @@ void bench_decode_bandwidth(int repeats, const at::Device& device, const std::ve
 
 #if defined(__x86_64__)
 // Seconds per instruction over 12 independent accumulators (more than latency x throughput, so
-// the rate is the issue rate); the empty asm keeps the loop from being folded away.
+// the rate is the issue rate); the empty asm statements keep the loops from being folded away.
 constexpr int kChains = 12;
 constexpr long kRounds = 20'000'000;
+using Clock = std::chrono::steady_clock;
+
+double per_instruction(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count() / (kRounds * kChains);
+}
 
 __attribute__((target("avx512f"))) double seconds_per_fma() {
   __m512 acc[kChains], x = _mm512_set1_ps(1.0001f);
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  const auto start = std::chrono::steady_clock::now();
-  for (long r = 0; r < kRounds; ++r) {
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));  // unequal: no shared chain
+  const auto start = Clock::now();
+  for (long r = 0; r < kRounds; ++r, __extension__({ __asm__ volatile("" : "+v"(x)); }))
     for (auto& a : acc) a = _mm512_fmadd_ps(x, x, a);
-    __asm__ volatile("" : "+v"(x));
-  }
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  __m512 sum = acc[0];
-  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
-  __asm__ volatile("" : : "v"(sum));
-  return s / (kRounds * kChains);
+  for (auto& a : acc) __asm__ volatile("" : : "v"(a));
+  return per_instruction(start);
 }
 
 __attribute__((target("avx512f,avx512bf16"))) double seconds_per_dpbf16() {
   __m512 acc[kChains];
+  for (int i = 0; i < kChains; ++i) acc[i] = _mm512_set1_ps(static_cast<float>(i));  // unequal: no shared chain
   __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi16(0x3f80));  // bf16 1.0
-  for (auto& a : acc) a = _mm512_setzero_ps();
-  const auto start = std::chrono::steady_clock::now();
-  for (long r = 0; r < kRounds; ++r) {
+  const auto start = Clock::now();
+  for (long r = 0; r < kRounds; ++r, __extension__({ __asm__ volatile("" : "+v"(x)); }))
     for (auto& a : acc) a = _mm512_dpbf16_ps(a, x, x);
-    __asm__ volatile("" : "+v"(x));
-  }
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  __m512 sum = acc[0];
-  for (int i = 1; i < kChains; ++i) sum = _mm512_add_ps(sum, acc[i]);
-  __asm__ volatile("" : : "v"(sum));
-  return s / (kRounds * kChains);
+  for (auto& a : acc) __asm__ volatile("" : : "v"(a));
+  return per_instruction(start);
 }
 #endif
 
