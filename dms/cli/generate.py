@@ -66,8 +66,8 @@ def run(args) -> int:
     out = model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=args.max_new_tokens, streamer=streamer,
                          pad_token_id=pad, prefill_chunk_size=args.prefill_chunk, **sampling)
     print(file=sys.stderr)
-    print(f"[dms] {inputs['input_ids'].shape[1]} prompt tokens, {out.shape[1] - inputs['input_ids'].shape[1]} new",
-          file=sys.stderr)
+    prompt_len = inputs["input_ids"].shape[1]
+    print(f"[dms] {prompt_len} prompt tokens, {out.shape[1] - prompt_len} new", file=sys.stderr)
     print(report(cache), file=sys.stderr)
     return 0
 

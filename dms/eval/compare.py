@@ -65,16 +65,17 @@ def _choose(a: dict, b: dict, label_a: str | None, label_b: str | None) -> tuple
     """The labels to compare: as given (one given names both sides), else the one label both
     files hold."""
     label_a, label_b = label_a or label_b, label_b or label_a
+    held_a, held_b = _labels(a), _labels(b)
     if label_a is None:
-        common = [label for label in _labels(a) if label in _labels(b)]
+        common = [label for label in held_a if label in held_b]
         if len(common) == 1:
             return common[0], common[0]
         why = "no label is in both" if not common else f"{len(common)} labels are in both"
         raise ValueError(f"{why} results: choose with --label, or --label-a and --label-b "
-                         f"(A has {', '.join(_labels(a))}; B has {', '.join(_labels(b))})")
-    for side, doc, label in (("A", a, label_a), ("B", b, label_b)):
-        if label not in _labels(doc):
-            raise ValueError(f"{side} has no rows labelled {label!r} (it has {', '.join(_labels(doc))})")
+                         f"(A has {', '.join(held_a)}; B has {', '.join(held_b)})")
+    for side, held, label in (("A", held_a, label_a), ("B", held_b, label_b)):
+        if label not in held:
+            raise ValueError(f"{side} has no rows labelled {label!r} (it has {', '.join(held)})")
     return label_a, label_b
 
 
