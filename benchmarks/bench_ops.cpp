@@ -6,8 +6,8 @@
 //  (c) paged_decode_attention over 32 seqs x 8192 live tokens, G = 4, D = 64, 16-token pages in
 //      shuffled order, fp32 / bf16 / fp16, once per CPU kernel (DMS_CPU_ISA), in GB/s of K and V
 //      read, next to a sum and a memcpy over the same bytes; on a CUDA device too when there is one.
-//  (d) the same in a 4 x 1024-token store on one thread (decode-cache): the kernels' compute
-//      rate, in ns of CPU time per token, with the store in cache.
+//  (d) the same in a 4 x 1024-token store on one thread (decode-cache), at D = 64 and 32: the
+//      kernels' compute rate, in ns of CPU time per token, with the store in cache.
 //  (e) peak: ns per 512-bit FMA and vdpbf16ps on one core, and the decode's compute floor they
 //      imply (the roofline's other side, next to the bandwidth of (c)).
 // Usage: bench_ops [repeats] [compact|step|decode|decode-cache|peak ...]   (default: all; threads:
@@ -124,9 +124,9 @@ void sync(const at::Device& device) {
 }
 
 void bench_decode_bandwidth(int repeats, const at::Device& device, const std::vector<const char*>& isas,
-                            int64_t S = 32, int64_t L = 8192) {
+                            int64_t S = 32, int64_t L = 8192, int64_t D = 64) {
   const auto attention = op<at::Tensor(T, T, T, T, T, double)>("dms::paged_decode_attention");
-  const int64_t G = 4, D = 64, page_size = 16, pages = L / page_size, P = S * pages;
+  const int64_t G = 4, page_size = 16, pages = L / page_size, P = S * pages;
   // The pool holds exactly the live pages, so the yardsticks stream the very bytes the kernel reads.
   const auto block_table = at::randperm(P, at::kInt).view({S, pages}).to(device);
   const auto seq_lens = at::full({S}, L, at::kInt).to(device);
@@ -280,11 +280,12 @@ int main(int argc, char** argv) {
     bench_decode_bandwidth(repeats, at::kCPU, cpu_isas());
     if (at::hasCUDA()) bench_decode_bandwidth(repeats, at::Device(at::kCUDA, 0), {nullptr});
   }
-  // The kernels' compute rate: one thread, a 4 x 1024-token store that stays in cache.
+  // The kernels' compute rate: one thread, a 4 x 1024-token store that stays in cache; at head
+  // dim 64 and at the shipped models' 32.
   if (wanted("decode-cache")) {
     at::set_num_threads(1);
     std::printf("decode-cache: 1 thread\n");
-    bench_decode_bandwidth(repeats, at::kCPU, cpu_isas(), 4, 1024);
+    for (const int64_t D : {64, 32}) bench_decode_bandwidth(repeats, at::kCPU, cpu_isas(), 4, 1024, D);
   }
   if (wanted("peak")) bench_peak();
   return 0;

@@ -4,9 +4,9 @@ store through ``torch.ops.dms``.
 
 Per layer and step: the step's prefill chunks, padded to one length, attend the live slots of
 their rows (read before the step's append) plus their own tokens with DMS visibility
-(docs/design.md §1) in one SDPA call; then one
-``dms.append`` call feeds the step's tokens of every request; then one
-``paged_decode_attention`` call serves every request that decodes one token.
+(docs/design.md §1), in SDPA calls over blocks of query tokens; then one
+``dms.append`` call feeds their tokens to the store; then one ``dms.append`` call and one
+``paged_decode_attention`` call serve every request that decodes one token.
 """
 from __future__ import annotations
 
@@ -24,6 +24,10 @@ from dms.attention.masks import last_query, visible
 from dms.vllm.kv import USAGE, DMSAttentionSpec, Usage, register_spec
 from dms.vllm.store import LayerStore, PagePool
 
+
+
+# Query tokens per SDPA call of a prefill chunk (see DMSAttention._prefill).
+QUERY_BLOCK = 128
 
 
 def store_page_size(block_size: int) -> int:
@@ -96,13 +100,12 @@ class StepPlan:
     """Where each request of the step sits in the store, and how its tokens are laid out."""
 
     slots: torch.Tensor  # int64 [R]
-    query_start: list[int]
-    num_computed: list[int]
-    gather: torch.Tensor  # int64 [R, Tmax] flat token index (clamped), for the padded append
-    valid: torch.Tensor  # bool [R, Tmax]
     decode: torch.Tensor  # int64 [Rd] batch indices of one-token requests
     decode_tokens: torch.Tensor  # int64 [Rd] their flat token index
-    prefill: list[int]  # batch indices of the others
+    prefill: torch.Tensor  # int64 [P] batch indices of the others
+    prefill_gather: torch.Tensor  # int64 [P, Tmax] flat token index of each chunk (clamped)
+    prefill_valid: torch.Tensor  # bool [P, Tmax] False on the pads after a chunk
+    prefill_start: torch.Tensor  # int64 [P] tokens of each chunk's request already in the store
 
 
 class SlotTable:
@@ -141,16 +144,19 @@ class SlotTable:
             slots.append(self.by_key[key])
         qs = meta.query_start
         lens = [b - a for a, b in zip(qs[:-1], qs[1:])]
-        T = max(lens)
-        start = torch.tensor(qs[:-1], dtype=torch.long)
-        t = torch.arange(T, dtype=torch.long)
-        valid = t[None, :] < torch.tensor(lens)[:, None]
-        gather = torch.where(valid, start[:, None] + t[None, :], torch.zeros_like(valid, dtype=torch.long))
         dec = [i for i, n in enumerate(lens) if n == 1]
-        return StepPlan(torch.tensor(slots, dtype=torch.long, device=device), qs, meta.num_computed,
-                        gather.to(device), valid.to(device), torch.tensor(dec, dtype=torch.long, device=device),
-                        torch.tensor([qs[i] for i in dec], dtype=torch.long, device=device),
-                        [i for i, n in enumerate(lens) if n != 1])
+        pre = [i for i, n in enumerate(lens) if n != 1]
+        T = max((lens[i] for i in pre), default=0)
+        start = torch.tensor([qs[i] for i in pre], dtype=torch.long)
+        t = torch.arange(T, dtype=torch.long)
+        valid = t[None, :] < torch.tensor([lens[i] for i in pre], dtype=torch.long)[:, None]
+        gather = torch.where(valid, start[:, None] + t[None, :], torch.zeros_like(valid, dtype=torch.long))
+
+        def as_tensor(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.long, device=device)
+
+        return StepPlan(as_tensor(slots), as_tensor(dec), as_tensor([qs[i] for i in dec]), as_tensor(pre),
+                        gather.to(device), valid.to(device), as_tensor([meta.num_computed[i] for i in pre]))
 
     def report(self, plan: StepPlan, meta: DMSMetadata, stores: list[LayerStore]) -> None:
         """Tell the scheduler-side manager what the store holds for each request now."""
@@ -230,30 +236,36 @@ class DMSAttention(nn.Module, AttentionLayerBase):
             return torch.zeros_like(q)
         store = self.store
         out = torch.zeros_like(q)
-        if plan.prefill:  # the chunks read the store before this step's append
-            p = torch.tensor(plan.prefill, dtype=torch.long, device=q.device)
-            g, ok = plan.gather[p], plan.valid[p]
-            n0 = torch.tensor([plan.num_computed[i] for i in plan.prefill], dtype=torch.long, device=q.device)
-            o = self._prefill(store, store.rows(plan.slots[p]), q[g], k[g], v[g], decisions[g] & ok[..., None], ok, n0)
+        if plan.prefill.numel():  # the chunks read the store before their append
+            g, ok = plan.prefill_gather, plan.prefill_valid
+            rows = store.rows(plan.slots[plan.prefill])
+            o = self._prefill(store, rows, q[g], k[g], v[g], decisions[g] & ok[..., None], ok, plan.prefill_start)
             out[g[ok]] = o[ok]
-        rows = store.rows(plan.slots)
-        g = plan.gather
-        kp = k[g].transpose(1, 2).reshape(-1, g.shape[1], D)  # [R*H, T, D]
-        vp = v[g].transpose(1, 2).reshape(-1, g.shape[1], D)
-        dp = decisions[g].transpose(1, 2).reshape(-1, g.shape[1])
-        valid = plan.valid[:, None, :].expand(-1, H, -1).reshape(-1, g.shape[1])
-        store.append(rows, kp.contiguous(), vp.contiguous(), dp.contiguous(), valid.contiguous())
+            self._append(store, rows, k, v, decisions, g, ok)
         if plan.decode.numel():
+            rows = store.rows(plan.slots[plan.decode])
+            t = plan.decode_tokens[:, None]
+            self._append(store, rows, k, v, decisions, t, torch.ones_like(t, dtype=torch.bool))
             qd = q[plan.decode_tokens].reshape(-1, G, D)  # [Rd*H, G, D]
-            od = store.decode(qd, store.rows(plan.slots[plan.decode]), self.scale)
-            out[plan.decode_tokens] = od.reshape(-1, Hq, D)
+            out[plan.decode_tokens] = store.decode(qd, rows, self.scale).reshape(-1, Hq, D)
         return out
 
+    def _append(self, store: LayerStore, rows, k, v, decisions, g, ok) -> None:
+        """One ``dms.append`` call for the requests whose tokens ``g`` [R, T] (flat token index,
+        ``ok`` False on pads) go to store ``rows`` [R*H]."""
+        H, D, T = self.num_kv_heads, self.head_size, g.shape[1]
+        kp = k[g].transpose(1, 2).reshape(-1, T, D)  # [R*H, T, D]
+        vp = v[g].transpose(1, 2).reshape(-1, T, D)
+        dp = decisions[g].transpose(1, 2).reshape(-1, T)
+        valid = ok[:, None, :].expand(-1, H, -1).reshape(-1, T)
+        store.append(rows, kp.contiguous(), vp.contiguous(), dp.contiguous(), valid.contiguous())
+
     def _prefill(self, store: LayerStore, rows, q, k, v, decisions, ok, n0) -> torch.Tensor:
-        """The step's prefill chunks in one SDPA call: P requests' chunks padded to T tokens
+        """The step's prefill chunks, together: P requests' chunks padded to T tokens
         (q [P, T, Hq, D], k/v [P, T, H, D], decisions [P, T, H] False on pads, ok bool [P, T]),
         chunk p holding token indices n0[p] .. over its rows' live slots and itself.
-        Pads come after each chunk's tokens, so no real query sees them (causal)."""
+        Pads come after each chunk's tokens, so no real query sees them (causal). One SDPA call
+        per QUERY_BLOCK query tokens of all chunks at once."""
         P, T, Hq, D = q.shape
         H = self.num_kv_heads
         keys, values, last, newest, _ = store.live_view(rows)  # [P*H, L, D], last [P*H, L]
@@ -270,12 +282,20 @@ class DMSAttention(nn.Module, AttentionLayerBase):
         vs = torch.cat([values, v.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)[:, None]
         lq = torch.cat([last, last_new], dim=1)  # [P*H, L+T]
         kidx = torch.cat([torch.full_like(last, -1), idx], dim=1)
-        allowed = visible(kidx[:, None, :], lq[:, None, :], idx[:, :, None])  # [P*H, T, L+T]
         G = Hq // H
         qs = q.reshape(P, T, H, G, D).permute(0, 2, 3, 1, 4).reshape(P * H, G, T, D)
-        # An additive mask and K/V expanded over the group (views): on CPU this takes SDPA's
-        # fused kernel, several times faster than a boolean mask with enable_gqa.
-        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-        o = F.scaled_dot_product_attention(qs, ks.expand(-1, G, -1, -1), vs.expand(-1, G, -1, -1),
-                                           attn_mask=bias[:, None], scale=self.scale)
+        L = keys.shape[1]
+        blocks = []
+        for a in range(0, T, QUERY_BLOCK):
+            # Queries a .. b - 1 see no chunk token from b on: leaving those keys out skips the
+            # masked upper triangle, about half the work of a long chunk.
+            b = min(T, a + QUERY_BLOCK)
+            allowed = visible(kidx[:, None, : L + b], lq[:, None, : L + b], idx[:, a:b, None])  # [P*H, b-a, L+b]
+            # An additive mask and K/V expanded over the group (views): on CPU this takes SDPA's
+            # fused kernel, several times faster than a boolean mask with enable_gqa.
+            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+            blocks.append(F.scaled_dot_product_attention(
+                qs[:, :, a:b], ks[:, :, : L + b].expand(-1, G, -1, -1), vs[:, :, : L + b].expand(-1, G, -1, -1),
+                attn_mask=bias[:, None], scale=self.scale))
+        o = torch.cat(blocks, dim=2)
         return o.reshape(P, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(P, T, Hq, D)

@@ -51,6 +51,19 @@ def test_mixed_chunked_prefill_and_decode(served, tokenizer):
     _assert_all_pages_back(llm)
 
 
+def test_prefill_in_query_blocks(served, tokenizer, monkeypatch):
+    """A chunk attends in blocks of query tokens, each over the keys before its end
+    (dms.vllm.attention.QUERY_BLOCK, 128: a whole chunk in the test above); with 24-token
+    blocks, full and partial, the tokens are still the reference's."""
+    import dms.vllm.attention as attention
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 24)
+    model, llm = served
+    ids = prompt_ids(tokenizer)
+    assert vllm_greedy(llm, ids) == reference_greedy(model, ids)
+    _assert_all_pages_back(llm)
+
+
 def test_many_concurrent_requests(served, tokenizer):
     model, llm = served
     specs = [(task, n + 7 * seed) for seed in range(3) for task, n in PROMPTS[:4]]
