@@ -32,9 +32,9 @@ constexpr int kTile = 16;
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // Pieces ahead whose rows a kernel prefetches while it computes the current one: about 16 KiB
-// of K + V, so that a page asked of DRAM arrives in time (on Zen 4 at D = 64, 1 to 8 pages
-// ahead measured alike). The hardware prefetchers stop at the end of a 4 KiB page, and the
-// pieces' pages need not be adjacent.
+// of K + V, so that a page asked of DRAM arrives in time (4 to 64 KiB measured alike on Zen 5,
+// D = 32, live pages scattered through the pool). The hardware prefetchers stop at the end of a
+// 4 KiB page, and the pieces' pages need not be adjacent.
 inline int64_t prefetch_pieces(int64_t head_dim, int64_t elem_bytes, int32_t page_size) {
   const int64_t pages = (int64_t{16} << 10) / (2 * head_dim * elem_bytes * page_size);
   return pages > 0 ? pages : 1;
