@@ -287,15 +287,22 @@ class DMSAttention(nn.Module, AttentionLayerBase):
         L = keys.shape[1]
         blocks = []
         for a in range(0, T, QUERY_BLOCK):
-            # Queries a .. b - 1 see no chunk token from b on: leaving those keys out skips the
-            # masked upper triangle, about half the work of a long chunk.
+            # Queries a .. b - 1 see no chunk token from b on, nor a key evicted before query a
+            # (at the retrofit's ratio most older keys): each block attends only the keys some
+            # query of it sees, gathered per row (rows with fewer are padded with invisible ones).
             b = min(T, a + QUERY_BLOCK)
-            allowed = visible(kidx[:, None, : L + b], lq[:, None, : L + b], idx[:, a:b, None])  # [P*H, b-a, L+b]
+            kb, lb = kidx[:, : L + b], lq[:, : L + b]
+            keep = lb >= torch.maximum(kb, idx[:, a : a + 1])
+            n = int(keep.sum(1).max())
+            order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]  # kept keys first
+            last_b = lb.gather(1, order).masked_fill_(~keep.gather(1, order), -1)
+            allowed = visible(kb.gather(1, order)[:, None, :], last_b[:, None, :], idx[:, a:b, None])
+            rows = order[:, :, None].expand(-1, -1, D)
+            kg = ks[:, 0].gather(1, rows)[:, None].expand(-1, G, -1, -1)
+            vg = vs[:, 0].gather(1, rows)[:, None].expand(-1, G, -1, -1)
             # An additive mask and K/V expanded over the group (views): on CPU this takes SDPA's
             # fused kernel, several times faster than a boolean mask with enable_gqa.
             bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-            blocks.append(F.scaled_dot_product_attention(
-                qs[:, :, a:b], ks[:, :, : L + b].expand(-1, G, -1, -1), vs[:, :, : L + b].expand(-1, G, -1, -1),
-                attn_mask=bias[:, None], scale=self.scale))
+            blocks.append(F.scaled_dot_product_attention(qs[:, :, a:b], kg, vg, attn_mask=bias[:, None], scale=self.scale))
         o = torch.cat(blocks, dim=2)
         return o.reshape(P, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(P, T, Hq, D)
