@@ -13,14 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 from vllm.v1.attention.backend import AttentionBackend, AttentionImpl, AttentionMetadataBuilder, CommonAttentionMetadata
 
-from dms.attention.masks import last_query, visible
+from dms.attention.infer import attend_visible
+from dms.attention.masks import last_query
 from dms.vllm.kv import USAGE, DMSAttentionSpec, Usage, register_spec
 from dms.vllm.store import LayerStore, PagePool
 
@@ -265,7 +265,7 @@ class DMSAttention(nn.Module, AttentionLayerBase):
         (q [P, T, Hq, D], k/v [P, T, H, D], decisions [P, T, H] False on pads, ok bool [P, T]),
         chunk p holding token indices n0[p] .. over its rows' live slots and itself.
         Pads come after each chunk's tokens, so no real query sees them (causal). One SDPA call
-        per QUERY_BLOCK query tokens of all chunks at once."""
+        per QUERY_BLOCK query tokens of all chunks at once (dms.attention.infer.attend_visible)."""
         P, T, Hq, D = q.shape
         H = self.num_kv_heads
         keys, values, last, newest, _ = store.live_view(rows)  # [P*H, L, D], last [P*H, L]
@@ -278,31 +278,11 @@ class DMSAttention(nn.Module, AttentionLayerBase):
             # The newest stored token of a row is flagged by its chunk's first decision.
             h = torch.nonzero(dec[:, 0] & (newest >= 0)).flatten()
             last[h, newest[h]] = last_query(idx[h, 0] - 1, torch.ones_like(h, dtype=torch.bool), self.window)
-        ks = torch.cat([keys, k.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)[:, None]  # [P*H, 1, L+T, D]
-        vs = torch.cat([values, v.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)[:, None]
+        ks = torch.cat([keys, k.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)  # [P*H, L+T, D]
+        vs = torch.cat([values, v.permute(0, 2, 1, 3).reshape(P * H, T, D)], dim=1)
         lq = torch.cat([last, last_new], dim=1)  # [P*H, L+T]
         kidx = torch.cat([torch.full_like(last, -1), idx], dim=1)
         G = Hq // H
         qs = q.reshape(P, T, H, G, D).permute(0, 2, 3, 1, 4).reshape(P * H, G, T, D)
-        L = keys.shape[1]
-        blocks = []
-        for a in range(0, T, QUERY_BLOCK):
-            # Queries a .. b - 1 see no chunk token from b on, nor a key evicted before query a
-            # (at the retrofit's ratio most older keys): each block attends only the keys some
-            # query of it sees, gathered per row (rows with fewer are padded with invisible ones).
-            b = min(T, a + QUERY_BLOCK)
-            kb, lb = kidx[:, : L + b], lq[:, : L + b]
-            keep = lb >= torch.maximum(kb, idx[:, a : a + 1])
-            n = int(keep.sum(1).max())
-            order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :n]  # kept keys first
-            last_b = lb.gather(1, order).masked_fill_(~keep.gather(1, order), -1)
-            allowed = visible(kb.gather(1, order)[:, None, :], last_b[:, None, :], idx[:, a:b, None])
-            rows = order[:, :, None].expand(-1, -1, D)
-            kg = ks[:, 0].gather(1, rows)[:, None].expand(-1, G, -1, -1)
-            vg = vs[:, 0].gather(1, rows)[:, None].expand(-1, G, -1, -1)
-            # An additive mask and K/V expanded over the group (views): on CPU this takes SDPA's
-            # fused kernel, several times faster than a boolean mask with enable_gqa.
-            bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-            blocks.append(F.scaled_dot_product_attention(qs[:, :, a:b], kg, vg, attn_mask=bias[:, None], scale=self.scale))
-        o = torch.cat(blocks, dim=2)
+        o = attend_visible(qs, ks, vs, kidx, lq, idx, self.scale, QUERY_BLOCK)
         return o.reshape(P, H, G, T, D).permute(0, 3, 1, 2, 4).reshape(P, T, Hq, D)
