@@ -24,8 +24,6 @@ from dms.attention.masks import last_query
 from dms.vllm.kv import USAGE, DMSAttentionSpec, Usage, register_spec
 from dms.vllm.store import LayerStore, PagePool
 
-
-
 # Query tokens per SDPA call of a prefill chunk (see DMSAttention._prefill).
 QUERY_BLOCK = 128
 
