@@ -40,8 +40,8 @@ void decode_scalar(const PagedStore<const T>& st, const T* q, int64_t G, float s
       const char* nk = reinterpret_cast<const char*>(st.k_row(later.row));
       const char* nv = reinterpret_cast<const char*>(st.v_row(later.row));
       for (int64_t b = 0; b < later.n * D * static_cast<int64_t>(sizeof(T)); b += 64) {
-        prefetch_l2(nk + b);
-        prefetch_l2(nv + b);
+        prefetch_line(nk + b);
+        prefetch_line(nv + b);
       }
     }
     for (int32_t first = 0; first < piece.n; first += kTile) {
