@@ -1,7 +1,8 @@
 """Every SIMD decode kernel in the built extension issues its software prefetches. GCC 12 drops
-the prefetch of a baseline-ISA inline helper (csrc/cpu/decode.h) when an always-inline function of an ISA target
-region inlines it, silently: the kernels stay correct and only lose the prefetch that keeps pages
-scattered through the pool from costing a DRAM round trip each (docs/building.md #14)."""
+the prefetch of a baseline-ISA inline helper (csrc/cpu/decode.h) when an always-inline function
+of an ISA target region inlines it, silently: the kernels stay correct and only lose the
+prefetch that keeps pages scattered through the pool from costing a DRAM round trip each
+(docs/building.md #14)."""
 from __future__ import annotations
 
 import platform

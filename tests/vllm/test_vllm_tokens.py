@@ -52,7 +52,7 @@ def test_mixed_chunked_prefill_and_decode(served, tokenizer):
 
 
 def test_prefill_in_query_blocks(served, tokenizer, monkeypatch):
-    """A chunk attends in blocks of query tokens, each over the keys before its end
+    """A chunk attends in blocks of query tokens, each over only the keys some query of it sees
     (dms.vllm.attention.QUERY_BLOCK, 128: a whole chunk in the test above); with 24-token
     blocks, full and partial, the tokens are still the reference's."""
     import dms.vllm.attention as attention
