@@ -71,6 +71,39 @@ def test_one_logit_per_layer_and_disabled_eviction(variant, fuse):
     _assert_follows_transformers_path(model, fuse, evicts=False)
 
 
+def test_step_at_the_page_cap_follows_transformers_path():
+    """A cache with ``max_pages``: fast steps give the transformers path's logits and cache
+    state while evictions leave room, and both refuse the same token with DMSCacheFullError
+    once the pool is full."""
+    from dms.cache import DMSCacheFullError
+
+    model = forced_dms_model("llama", "adapter", window=3)
+    ids, mask = left_padded([9, 5, 7])
+    ref_cache = dms.DMSCache(model, page_size=2, max_pages=40)
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                       **cache_kwargs(ref_cache)).logits[:, -1]
+    pos = mask.sum(-1)
+    fast_cache, fast, tok = copy.deepcopy(ref_cache), FastDecoder(model), logits.argmax(-1)
+    for _ in range(40):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        try:
+            with torch.no_grad():
+                ref = model(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                            **cache_kwargs(ref_cache)).logits[:, -1]
+        except DMSCacheFullError:
+            with pytest.raises(DMSCacheFullError, match="max_pages=40"):
+                fast.step(fast_cache, tok, pos)
+            break
+        torch.testing.assert_close(fast.step(fast_cache, tok, pos), ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(_layer_state(ref_cache), _layer_state(fast_cache)):
+            assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+        tok, pos = ref.argmax(-1), pos + 1
+    else:
+        pytest.fail("the cap was never reached")
+
+
 @pytest.mark.parametrize("rope", [dict(rope_type="linear", factor=2.0),
                                   dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=8),
                                   dict(rope_type="dynamic", factor=2.0)])
