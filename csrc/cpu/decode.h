@@ -52,6 +52,14 @@ inline __attribute__((always_inline)) void prefetch_line(const void* p) { __buil
 inline void prefetch_line(const void*) {}
 #endif
 
+// Whether the chunk at element offset d of a row starts a cache line (rows of 64-byte multiples
+// start on one): a kernel whose vector chunk is narrower than a line (AVX2: fp32 half a line, bf16
+// a quarter) prefetches each line once instead of once per chunk.
+template <typename T>
+constexpr bool starts_line(int64_t d) {
+  return d * static_cast<int64_t>(sizeof(T)) % 64 == 0;
+}
+
 // Floats of scratch a kernel call needs (one buffer per thread).
 inline int64_t decode_scratch_floats(int64_t G, int64_t D) {
   return G * round_up(D, kTile) + 2 * kTile * D + G * kTile + G + kTile;
