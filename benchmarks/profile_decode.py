@@ -102,9 +102,9 @@ def _sampled(args, engine: str) -> None:
         ctl, ack, data = (os.path.join(tmp, n) for n in ("ctl", "ack", "perf.data"))
         os.mkfifo(ctl)
         os.mkfifo(ack)
-        child = [sys.executable, __file__, "--perf-child", ctl, ack, "--engine", engine, "--context",
-                 str(args.context), "--steps", str(args.steps), "--window", str(args.window), "--threads",
-                 str(args.threads)]
+        # The same options (the last --engine wins), in a child that decodes instead of sampling.
+        options = [a for a in sys.argv[1:] if a != "--perf"]
+        child = [sys.executable, __file__, *options, "--engine", engine, "--perf-child", ctl, ack]
         subprocess.run(["perf", "record", "-q", "-D", "-1", "--control", f"fifo:{ctl},{ack}", "-F", "2000",
                         "-e", "cpu-clock", "-o", data, "--", *child], check=True)
         report = subprocess.run(["perf", "report", "-i", data, "--sort", "dso,sym", "--stdio"], check=True,

@@ -16,8 +16,8 @@ from dms.models.decode import FastDecoder, decoder, generate
 from dms.models.tiny import tiny_model
 
 
-def _prefilled(model, ids, mask):
-    cache = dms.DMSCache(model)
+def _prefilled(model, ids, mask, cache=None):
+    cache = dms.DMSCache(model) if cache is None else cache
     pos = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
@@ -28,6 +28,13 @@ def _prefilled(model, ids, mask):
 def _layer_state(cache):
     return [(layer.columns, layer.store.seq_lens.clone(), layer.store.num_seen.clone(), layer.store.ring_slots.clone(),
              layer.store.ring_flags.clone()) for layer in cache.layers]
+
+
+def _assert_same_state(ref_cache, fast_cache):
+    for a, b in zip(_layer_state(ref_cache), _layer_state(fast_cache)):
+        assert a[0] == b[0]
+        for x, y in zip(a[1:], b[1:]):
+            assert torch.equal(x, y)
 
 
 def _assert_follows_transformers_path(model, fuse=None, evicts=True):
@@ -46,10 +53,7 @@ def _assert_follows_transformers_path(model, fuse=None, evicts=True):
                         **cache_kwargs(ref_cache)).logits[:, -1]
         got = fast.step(fast_cache, tok, pos)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(_layer_state(ref_cache), _layer_state(fast_cache)):
-            assert a[0] == b[0]
-            for x, y in zip(a[1:], b[1:]):
-                assert torch.equal(x, y)
+        _assert_same_state(ref_cache, fast_cache)
         evicted += int((ref_cache.layers[0].store.num_seen - ref_cache.layers[0].store.seq_lens).sum())
         tok, pos = ref.argmax(-1), pos + 1
     assert (evicted > 0) == evicts
@@ -79,12 +83,7 @@ def test_step_at_the_page_cap_follows_transformers_path():
 
     model = forced_dms_model("llama", "adapter", window=3)
     ids, mask = left_padded([9, 5, 7])
-    ref_cache = dms.DMSCache(model, page_size=2, max_pages=40)
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                       **cache_kwargs(ref_cache)).logits[:, -1]
-    pos = mask.sum(-1)
+    ref_cache, logits, pos = _prefilled(model, ids, mask, dms.DMSCache(model, page_size=2, max_pages=40))
     fast_cache, fast, tok = copy.deepcopy(ref_cache), FastDecoder(model), logits.argmax(-1)
     for _ in range(40):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -97,8 +96,7 @@ def test_step_at_the_page_cap_follows_transformers_path():
                 fast.step(fast_cache, tok, pos)
             break
         torch.testing.assert_close(fast.step(fast_cache, tok, pos), ref, rtol=1e-5, atol=1e-5)
-        for a, b in zip(_layer_state(ref_cache), _layer_state(fast_cache)):
-            assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+        _assert_same_state(ref_cache, fast_cache)
         tok, pos = ref.argmax(-1), pos + 1
     else:
         pytest.fail("the cap was never reached")
