@@ -8,7 +8,10 @@ baselines need. Readers (attention, statistics) may read the fields.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
+import sys
 
 import torch
 
@@ -60,8 +63,8 @@ class PagedStore:
         else:
             free = torch.randperm(pages, generator=generator).to(**i32)
         return cls(
-            k_pages=torch.zeros(pages, page_size, head_dim, dtype=dtype, device=device),
-            v_pages=torch.zeros(pages, page_size, head_dim, dtype=dtype, device=device),
+            k_pages=pool_tensor((pages, page_size, head_dim), dtype, device).zero_(),
+            v_pages=pool_tensor((pages, page_size, head_dim), dtype, device).zero_(),
             block_table=torch.full((num_seqs, table_width), -1, **i32),
             seq_lens=torch.zeros(num_seqs, **i32), num_seen=torch.zeros(num_seqs, **i32),
             ring_slots=torch.zeros(num_seqs, window + 1, **i32),
@@ -323,7 +326,42 @@ class PagedStore:
         self.seq_lens.copy_(lens.to(torch.int32))
 
 
+# Transparent huge pages (Linux): the decode kernel reads the pool one page of 2-8 KiB at a
+# time in table order, i.e. scattered, so with 4 KiB pages nearly every read of a store page
+# walks the page table; 2 MiB pages remove those walks (BENCHMARKS.md, "Huge pages for the pool").
+_HUGE_PAGE = 2 << 20
+_MADV_DONTNEED, _MADV_HUGEPAGE = 4, 14
+
+
+def _libc_madvise():
+    if not sys.platform.startswith("linux"):
+        return None
+    madvise = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).madvise
+    madvise.argtypes, madvise.restype = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int), ctypes.c_int
+    return madvise
+
+
+_madvise = _libc_madvise()
+
+
+def pool_tensor(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised tensor for a page pool. On Linux and the CPU, the 2 MiB-aligned part of
+    its memory is advised to transparent huge pages (MADV_HUGEPAGE: effective when
+    /sys/kernel/mm/transparent_hugepage/enabled is ``always`` or ``madvise``, a no-op under
+    ``never``) and then dropped (MADV_DONTNEED), so that the first write faults in 2 MiB pages
+    even where the allocator handed out memory it had already used. Tensors under 2 MiB, other
+    devices and other systems: plain ``torch.empty``."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if _madvise is not None and t.device.type == "cpu":
+        start = t.data_ptr()
+        lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
+        hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        if hi > lo and _madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:  # refused: 4 KiB pages stay
+            _madvise(lo, hi - lo, _MADV_DONTNEED)
+    return t
+
+
 def _regrow(pages: torch.Tensor, n: int) -> torch.Tensor:
-    grown = pages.new_empty((n, *pages.shape[1:]))
+    grown = pool_tensor((n, *pages.shape[1:]), pages.dtype, pages.device)
     grown[: pages.shape[0]] = pages
     return grown

@@ -52,12 +52,16 @@ inline __attribute__((always_inline)) void prefetch_line(const void* p) { __buil
 inline void prefetch_line(const void*) {}
 #endif
 
-// Whether the chunk at element offset d of a row starts a cache line (rows of 64-byte multiples
+// Bytes per cache line on x86-64 and most aarch64 cores (Apple's have 128, where this stride only
+// prefetches each line twice): the prefetch stride.
+constexpr int64_t kCacheLine = 64;
+
+// Whether the chunk at element offset d of a row starts a cache line (rows of kCacheLine multiples
 // start on one): a kernel whose vector chunk is narrower than a line (AVX2: fp32 half a line, bf16
 // a quarter) prefetches each line once instead of once per chunk.
 template <typename T>
 constexpr bool starts_line(int64_t d) {
-  return d * static_cast<int64_t>(sizeof(T)) % 64 == 0;
+  return d * static_cast<int64_t>(sizeof(T)) % kCacheLine == 0;
 }
 
 // Floats of scratch a kernel call needs (one buffer per thread).

@@ -39,7 +39,7 @@ void decode_scalar(const PagedStore<const T>& st, const T* q, int64_t G, float s
       const DecodePiece& later = pieces[i + ahead];
       const char* nk = reinterpret_cast<const char*>(st.k_row(later.row));
       const char* nv = reinterpret_cast<const char*>(st.v_row(later.row));
-      for (int64_t b = 0; b < later.n * D * static_cast<int64_t>(sizeof(T)); b += 64) {
+      for (int64_t b = 0; b < later.n * D * static_cast<int64_t>(sizeof(T)); b += kCacheLine) {
         prefetch_line(nk + b);
         prefetch_line(nv + b);
       }

@@ -11,7 +11,7 @@ from conftest import forced_dms_model, new_store
 from dms import reference
 from dms.baselines import PolicyCache
 from dms.cache import AttentionCache, DMSCache
-from dms.store import FIELDS, PagedStore
+from dms.store import FIELDS, PagedStore, pool_tensor
 
 
 def filled(S=2, P=12, page_size=2, window=1, D=3, T=5, p=0.5, seed=0):
@@ -101,6 +101,53 @@ def test_growth_keeps_the_tokens_and_the_free_list():
     store.grow_pool(5)  # never shrinks
     store.grow_table(3)
     assert (store.num_pages, store.table_width) == (20, 15)
+
+
+def _huge_kib_at(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping of this process that holds ``address`` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "AnonHugePages:":
+                return int(line.split()[1])
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+def _thp_mode() -> str | None:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read().split("[")[1].split("]")[0]
+    except OSError:
+        return None
+
+
+@pytest.mark.skipif(_thp_mode() is None, reason="needs Linux with transparent huge pages compiled in")
+@pytest.mark.parametrize("grown", [False, True])
+def test_cpu_pool_is_backed_by_huge_pages(grown):
+    """The pool of a new or a grown store sits on 2 MiB pages wherever the system allows it
+    (THP "always" or "madvise"), and on none under "never"; the other fields are untouched."""
+    shape = (2048, 16, 128)  # 16 MiB of fp32 per pool
+    if grown:
+        store = PagedStore.empty(2, 128, window=1, page_size=16, pages=1)
+        store.grow_pool(2048)
+    else:
+        store = PagedStore.empty(2, 128, window=1, page_size=16, pages=2048)
+    store.k_pages.fill_(1.0)
+    huge = _huge_kib_at(store.k_pages.data_ptr() + store.k_pages.nbytes // 2)
+    if _thp_mode() == "never":
+        assert huge == 0
+    else:
+        assert huge >= 14 * 1024, f"{huge} KiB of the 16 MiB pool on huge pages"
+    assert tuple(store.k_pages.shape) == shape and (store.block_table == -1).all()
+
+
+def test_pool_tensor_is_empty_of_another_shape_on_small_sizes():
+    t = pool_tensor((3, 2, 4), torch.bfloat16, "cpu")
+    assert t.shape == (3, 2, 4) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
 
 
 def test_snapshot_restore_undoes_growth():
