@@ -145,7 +145,7 @@ def test_cpu_pool_is_backed_by_huge_pages(grown):
     assert tuple(store.k_pages.shape) == shape and (store.block_table == -1).all()
 
 
-def test_pool_tensor_is_empty_of_another_shape_on_small_sizes():
+def test_pool_tensor_under_2_mib_has_the_shape_and_dtype_asked():
     t = pool_tensor((3, 2, 4), torch.bfloat16, "cpu")
     assert t.shape == (3, 2, 4) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
 
