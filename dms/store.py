@@ -352,7 +352,8 @@ def pool_tensor(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     even where the allocator handed out memory it had already used. Tensors under 2 MiB, other
     devices and other systems: plain ``torch.empty``."""
     t = torch.empty(shape, dtype=dtype, device=device)
-    if _madvise is not None and t.device.type == "cpu":
+    # Plain tensors only: a FakeTensor (tracing, torch.compile) has no memory and data_ptr() 0.
+    if _madvise is not None and t.device.type == "cpu" and type(t) is torch.Tensor:
         start = t.data_ptr()
         lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
         hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE

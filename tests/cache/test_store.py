@@ -150,6 +150,27 @@ def test_pool_tensor_under_2_mib_has_the_shape_and_dtype_asked():
     assert t.shape == (3, 2, 4) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
 
 
+def test_pool_tensor_advises_only_real_memory(monkeypatch):
+    """The advice goes to the tensor's own aligned memory, and never to a FakeTensor's (which has
+    none: its data_ptr() is 0)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import dms.store
+
+    calls = []
+    monkeypatch.setattr(dms.store, "_madvise", lambda addr, n, advice: calls.append((addr, n, advice)) or 0)
+    real = pool_tensor((1024, 16, 128), torch.float32, "cpu")  # 8 MiB
+    start, end = real.data_ptr(), real.data_ptr() + real.nbytes
+    assert [c[2] for c in calls] == [14, 4]  # MADV_HUGEPAGE, then MADV_DONTNEED
+    for addr, n, _ in calls:
+        assert addr % (2 << 20) == 0 and n % (2 << 20) == 0 and start <= addr and addr + n <= end
+        assert n >= real.nbytes - (4 << 20)
+    calls.clear()
+    with FakeTensorMode():
+        fake = pool_tensor((1024, 16, 128), torch.float32, "cpu")
+    assert fake.shape == (1024, 16, 128) and calls == []
+
+
 def test_snapshot_restore_undoes_growth():
     store, _ = filled()
     saved = store.snapshot()
