@@ -40,14 +40,16 @@ inline int64_t prefetch_pieces(int64_t head_dim, int64_t elem_bytes, int32_t pag
   return pages > 0 ? pages : 1;
 }
 
-// Into L1 (x86 prefetcht0, aarch64 PLDL1KEEP): on Zen 5, 2 threads, it read 5 points more of the
-// same-run sum than into L2 (prefetcht1) in fp32 and 4 in bf16 (7 alternated rounds each,
-// BENCHMARKS.md). Only a hint: any address is allowed.
+// Into L2 (x86 prefetcht1, aarch64 PLDL2KEEP). Measured both ways (alternated, 2 threads,
+// BENCHMARKS.md): on Zen 4, L2 took 28-41% less time per call than L1 (fp32 and bf16); on Zen 5, L1
+// read 4-5 points more of the same-run sum. L2 is the default: its gain on Zen 4 is far larger
+// than its loss on Zen 5.
+// Only a hint: any address is allowed.
 // Always inlined: GCC 12 drops the prefetch of this baseline-ISA function when an always-inline
 // function of an ISA target region (decode_simd.inc) inlines it; always-inline here too keeps it
 // (tests/ops/test_decode_prefetch_build.py reads the built kernels for the instruction).
 #if defined(__GNUC__) || defined(__clang__)
-inline __attribute__((always_inline)) void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 3); }
+inline __attribute__((always_inline)) void prefetch_line(const void* p) { __builtin_prefetch(p, 0, 2); }
 #else
 inline void prefetch_line(const void*) {}
 #endif

@@ -15,7 +15,7 @@ import pytest
 import dms._C
 
 
-@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads x86-64 object code (prefetcht0)")
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="reads x86-64 object code (prefetcht1)")
 def test_every_simd_decode_kernel_prefetches():
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is needed to read the extension's object code"
@@ -29,7 +29,7 @@ def test_every_simd_decode_kernel_prefetches():
             name = head.group(1) if "decode_pieces_dim<" in head.group(1) else None
             if name:
                 kernels[name] = 0
-        elif name and "prefetcht0" in line:
+        elif name and "prefetcht1" in line:
             kernels[name] += 1
     assert kernels, "no decode_pieces_dim kernel found in the extension"
     assert all(kernels.values()), [k for k, n in kernels.items() if n == 0]
