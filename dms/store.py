@@ -356,7 +356,7 @@ def pool_tensor(shape: tuple, dtype: torch.dtype, device) -> torch.Tensor:
     if _madvise is not None and t.device.type == "cpu" and type(t) is torch.Tensor:
         start = t.data_ptr()
         lo = -(-start // _HUGE_PAGE) * _HUGE_PAGE
-        hi = (start + t.numel() * t.element_size()) // _HUGE_PAGE * _HUGE_PAGE
+        hi = (start + t.nbytes) // _HUGE_PAGE * _HUGE_PAGE
         if hi > lo and _madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:  # refused: 4 KiB pages stay
             _madvise(lo, hi - lo, _MADV_DONTNEED)
     return t

@@ -145,14 +145,9 @@ def test_cpu_pool_is_backed_by_huge_pages(grown):
     assert tuple(store.k_pages.shape) == shape and (store.block_table == -1).all()
 
 
-def test_pool_tensor_under_2_mib_has_the_shape_and_dtype_asked():
-    t = pool_tensor((3, 2, 4), torch.bfloat16, "cpu")
-    assert t.shape == (3, 2, 4) and t.dtype == torch.bfloat16 and t.device.type == "cpu"
-
-
 def test_pool_tensor_advises_only_real_memory(monkeypatch):
-    """The advice goes to the tensor's own aligned memory, and never to a FakeTensor's (which has
-    none: its data_ptr() is 0)."""
+    """The advice goes to the tensor's own aligned memory; never to a tensor too small to hold an
+    aligned 2 MiB, nor to a FakeTensor's (which has none: its data_ptr() is 0)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import dms.store
@@ -166,6 +161,8 @@ def test_pool_tensor_advises_only_real_memory(monkeypatch):
         assert addr % (2 << 20) == 0 and n % (2 << 20) == 0 and start <= addr and addr + n <= end
         assert n >= real.nbytes - (4 << 20)
     calls.clear()
+    small = pool_tensor((3, 2, 4), torch.bfloat16, "cpu")
+    assert small.shape == (3, 2, 4) and small.dtype == torch.bfloat16 and calls == []
     with FakeTensorMode():
         fake = pool_tensor((1024, 16, 128), torch.float32, "cpu")
     assert fake.shape == (1024, 16, 128) and calls == []
